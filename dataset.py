@@ -1,0 +1,205 @@
+"""Stories file parsing, image loading and the training Dataset.
+
+stories.txt holds one `image_name<TAB>story` per line (UTF-8; a BOM and CRLF are fine;
+blank lines and `#` comments are skipped; an image may have several lines). An optional
+third column names the story's style.
+"""
+import random
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+from torchvision import transforms
+from torchvision.models import ResNet50_Weights
+
+from utils import DataError, UserError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+@dataclass(frozen=True)
+class Example:
+    image: str  # path relative to the images folder
+    story: str
+    line: int  # line number in the stories file, for error messages
+    style: str | None = None
+
+
+def read_stories(path) -> list[Example]:
+    """Parses a stories file; raises DataError listing every bad line at once."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: stories file not found; pass --stories FILE (lines of image_name<TAB>story)")
+    examples, problems = [], []
+    raw = path.read_bytes()
+    for number, line_bytes in enumerate(raw.splitlines(), start=1):
+        try:
+            line = line_bytes.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError:
+            problems.append(f"{path}:{number}: not UTF-8 text; save the file as UTF-8")
+            continue
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        fields = [f.strip() for f in line.split("\t")]
+        if len(fields) not in (2, 3):
+            problems.append(f"{path}:{number}: expected image_name<TAB>story[<TAB>style], "
+                            f"found {len(fields)} tab-separated field(s)")
+            continue
+        image, story = fields[0], fields[1]
+        style = fields[2] if len(fields) == 3 and fields[2] else None
+        if not image:
+            problems.append(f"{path}:{number}: empty image name")
+        elif (why := _unsafe_name(image)):
+            problems.append(f"{path}:{number}: image name {image!r} {why}; give a path inside the images folder")
+        elif not story:
+            problems.append(f"{path}:{number}: empty story for {image}")
+        else:
+            examples.append(Example(image, story, number, style))
+    if problems:
+        raise DataError(problems)
+    if not examples:
+        raise UserError(f"{path}: no stories found; add lines of image_name<TAB>story")
+    return examples
+
+
+def _unsafe_name(name: str) -> str | None:
+    """Why an image name would leave the images folder, or None if it stays inside."""
+    for pure in (PurePosixPath(name), PureWindowsPath(name)):
+        if pure.is_absolute() or pure.drive or pure.root:
+            return "is an absolute path"
+        if ".." in pure.parts:
+            return "contains '..'"
+    return None
+
+
+def load_image(path, min_side: int | None = None) -> Image.Image:
+    """Opens any image Pillow reads as an upright RGB image.
+
+    EXIF orientation is applied, transparency is composited on white, 16-bit and float
+    images are scaled to 8 bits, animations give their first frame. min_side lets a JPEG
+    decode at a reduced scale that still covers that many pixels (much faster for photos).
+    Raises OSError or ValueError (Pillow's) for files that are not readable images.
+    """
+    with warnings.catch_warnings():
+        # Pillow only warns between MAX_IMAGE_PIXELS and twice that; refuse those too.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            if min_side and img.format == "JPEG":
+                img.draft("RGB", (min_side, min_side))
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb(img)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode.startswith("I") or img.mode == "F":
+        # 16/32-bit grey: Pillow's convert would clip at 255, so scale to the full 8-bit range.
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def image_transform(config):
+    """The encoder's preprocessing: PIL RGB image -> normalised (3, S, S) float tensor."""
+    if config.encoder == "resnet50" and (config.image_size, config.resize_size) == (224, 232):
+        return ResNet50_Weights.IMAGENET1K_V2.transforms()  # torchvision's own preprocessing
+    mean, std = ResNet50_Weights.IMAGENET1K_V2.transforms().mean, ResNet50_Weights.IMAGENET1K_V2.transforms().std
+    return transforms.Compose([
+        transforms.Resize(config.resize_size, antialias=True),
+        transforms.CenterCrop(config.image_size),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
+def describe_image_error(path, err: Exception) -> str:
+    """One line saying why an image could not be used, and what to do."""
+    if isinstance(err, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return (f"{path}: image too large to open safely (over {Image.MAX_IMAGE_PIXELS} pixels, a possible "
+                f"decompression bomb); if you trust it, raise the limit with --max-image-pixels")
+    if isinstance(err, FileNotFoundError):
+        return f"{path}: image not found"
+    if isinstance(err, IsADirectoryError) or Path(path).is_dir():
+        return f"{path}: is a directory, not an image"
+    if isinstance(err, Image.UnidentifiedImageError):
+        return f"{path}: not an image Pillow can read"
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return f"{path}: unreadable image ({reason})"
+
+
+def check_images(examples: list[Example], images_dir, stories_path, min_side=None) -> None:
+    """Opens every listed image once, before training; raises DataError naming each bad one."""
+    images_dir = Path(images_dir)
+    if not images_dir.is_dir():
+        raise UserError(f"{images_dir}: images folder not found; pass --images DIR")
+    first_line = {}
+    for ex in examples:
+        first_line.setdefault(ex.image, ex.line)
+
+    def problem(name):
+        path = images_dir / name
+        try:
+            load_image(path, min_side)
+        except Exception as err:  # Pillow raises many types for broken files; all are reported
+            return f"{stories_path}:{first_line[name]}: {describe_image_error(path, err)}"
+        return None
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        problems = [p for p in pool.map(problem, first_line) if p]
+    if problems:
+        raise DataError(problems)
+
+
+def split_by_image(examples: list[Example], fraction: float, seed: int):
+    """Holds out a fraction of the images (all their stories) for validation."""
+    images = sorted({ex.image for ex in examples})
+    random.Random(seed).shuffle(images)
+    n_val = int(len(images) * fraction)
+    if n_val == 0 or n_val == len(images):
+        return examples, []
+    held_out = set(images[:n_val])
+    return ([ex for ex in examples if ex.image not in held_out],
+            [ex for ex in examples if ex.image in held_out])
+
+
+class StoryDataset(Dataset):
+    """(image tensor, story token ids ending with EOS) pairs."""
+
+    def __init__(self, examples, images_dir, tokenizer, transform, max_tokens: int, min_side=None):
+        self.examples = examples
+        self.images_dir = Path(images_dir)
+        self.transform = transform
+        self.min_side = min_side
+        eos = tokenizer.eos_token_id
+        ids = tokenizer([ex.story for ex in examples], add_special_tokens=False)["input_ids"]
+        self.truncated = sum(len(x) + 1 > max_tokens for x in ids)
+        self.tokens = [torch.tensor(x[: max_tokens - 1] + [eos]) for x in ids]
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        image = load_image(self.images_dir / self.examples[i].image, self.min_side)
+        return {"image": self.transform(image), "input_ids": self.tokens[i]}
+
+
+def collate(batch, pad_id: int):
+    """Stacks images and right-pads stories; the mask, not the pad id, marks padding."""
+    lengths = [len(item["input_ids"]) for item in batch]
+    input_ids = torch.full((len(batch), max(lengths)), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, item in enumerate(batch):
+        input_ids[row, : lengths[row]] = item["input_ids"]
+        attention_mask[row, : lengths[row]] = 1
+    return {"images": torch.stack([item["image"] for item in batch]),
+            "input_ids": input_ids, "attention_mask": attention_mask}

@@ -1,0 +1,124 @@
+"""Writes a short story about each image with a model trained by train.py.
+
+    python generate.py data/images/day_grass_house.jpg
+    python generate.py photos/*.jpg --strategy beam --num-beams 4 --json
+"""
+import argparse
+import json
+import sys
+
+import torch
+from transformers import GenerationConfig
+
+import dataset
+import utils
+from train import fraction, positive_float, positive_int
+
+# A story wants some surprise but stays on topic: top-k sampling, a little cooler than 1.
+DEFAULTS = dict(strategy="sample", top_k=50, top_p=1.0, temperature=0.8, num_beams=4,
+                repetition_penalty=1.0, no_repeat_ngram_size=3, max_new_tokens=80)
+
+
+def top_p_value(value):
+    x = float(value)
+    if not 0 < x <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return x
+
+
+def non_negative_int(value):
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return n
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("images", nargs="+", help="image files to write stories about")
+    p.add_argument("--checkpoint", default="vlm_model.pt", help="checkpoint written by train.py (default: %(default)s)")
+    p.add_argument("--strategy", choices=["greedy", "sample", "beam"], default=DEFAULTS["strategy"],
+                   help="greedy: most likely words; sample: top-k/top-p sampling; beam: beam search (default: %(default)s)")
+    p.add_argument("--top-k", type=non_negative_int, default=DEFAULTS["top_k"], help="sample from the k most likely tokens; 0 = all (default: %(default)s)")
+    p.add_argument("--top-p", type=top_p_value, default=DEFAULTS["top_p"], help="nucleus sampling mass in (0, 1] (default: %(default)s)")
+    p.add_argument("--temperature", type=positive_float, default=DEFAULTS["temperature"], help="sampling temperature (default: %(default)s)")
+    p.add_argument("--num-beams", type=positive_int, default=DEFAULTS["num_beams"], help="beams for --strategy beam (default: %(default)s)")
+    p.add_argument("--repetition-penalty", type=positive_float, default=DEFAULTS["repetition_penalty"],
+                   help="above 1 discourages repeating tokens (default: %(default)s)")
+    p.add_argument("--no-repeat-ngram-size", type=non_negative_int, default=DEFAULTS["no_repeat_ngram_size"],
+                   help="never repeat an n-gram of this size; 0 = off (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=DEFAULTS["max_new_tokens"], help="story length limit in tokens (default: %(default)s)")
+    p.add_argument("--num-stories", type=positive_int, default=1, help="stories per image, with sample or beam (default: %(default)s)")
+    p.add_argument("--seed", type=int, help="random seed: the same seed gives the same stories")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="images encoded and decoded together (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help='print one JSON object per story: {"image": ..., "story": ...}')
+    p.add_argument("--device", type=utils.parse_device, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--gpt2", help="where to load a frozen GPT-2 from, if not where training took it")
+    p.add_argument("--encoder-weights", help="ResNet-50 state_dict file, if the encoder was frozen and is not in torchvision's cache")
+    args = p.parse_args(argv)
+    if args.strategy == "greedy" and args.num_stories > 1:
+        p.error("--num-stories above 1 needs --strategy sample or beam (greedy gives one story)")
+    return args
+
+
+def generation_config(args, tokenizer, max_new_tokens) -> GenerationConfig:
+    common = dict(max_new_tokens=max_new_tokens, num_return_sequences=args.num_stories,
+                  repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if args.strategy == "sample":
+        return GenerationConfig(do_sample=True, top_k=args.top_k, top_p=args.top_p,
+                                temperature=args.temperature, **common)
+    if args.strategy == "beam":
+        return GenerationConfig(do_sample=False, num_beams=max(args.num_beams, args.num_stories),
+                                early_stopping=True, **common)
+    return GenerationConfig(do_sample=False, num_beams=1, **common)
+
+
+def write_stories(model, tokenizer, images, gen_config, batch_size, device):
+    """Yields (image path, [stories]) for PIL images, batch_size images per generate call."""
+    transform = dataset.image_transform(model.config)
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        pixels = torch.stack([transform(img) for _, img in chunk]).to(device)
+        ids = model.generate(images=pixels, generation_config=gen_config)
+        texts = [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        n = gen_config.num_return_sequences
+        for i, (path, _) in enumerate(chunk):
+            yield path, texts[i * n:(i + 1) * n]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = utils.pick_device(args.device)
+    ckpt = utils.load_checkpoint(args.checkpoint)
+    model, tokenizer = utils.load_model(ckpt, gpt2=args.gpt2, encoder_weights=args.encoder_weights)
+    model.to(device).eval()
+    room = model.decoder.config.n_positions - model.config.prefix_length
+    gen_config = generation_config(args, tokenizer, min(args.max_new_tokens, room))
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+
+    images, failed = [], 0
+    for path in args.images:
+        try:
+            images.append((path, dataset.load_image(path, model.config.resize_size)))
+        except Exception as err:  # every unreadable file is named; the others still get stories
+            print(f"error: {dataset.describe_image_error(path, err)}", file=sys.stderr)
+            failed += 1
+
+    for path, stories in write_stories(model, tokenizer, images, gen_config, args.batch_size, device):
+        for k, story in enumerate(stories, start=1):
+            if args.json:
+                print(json.dumps({"image": path, "story": story}, ensure_ascii=False))
+                continue
+            if len(args.images) > 1 and k == 1:
+                print(f"== {path} ==")
+            print("Generated Story:" if len(stories) == 1 else f"Generated Story {k}/{len(stories)}:")
+            print(story)
+            print()
+        sys.stdout.flush()
+    return 2 if failed else 0
+
+
+if __name__ == "__main__":
+    utils.run_cli(main)

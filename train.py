@@ -1,0 +1,204 @@
+"""Trains the image-to-story model on data/images + data/stories.txt and writes vlm_model.pt.
+
+    python train.py                      # ResNet-50 + GPT-2 small, pretrained weights
+    python train.py --preset tiny        # toy sizes, random weights, fully offline (about a minute on CPU)
+"""
+import argparse
+import math
+import random
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+from transformers import GPT2Config, get_cosine_schedule_with_warmup
+
+import dataset
+import utils
+from model import StoryConfig, StoryModel
+from utils import UserError
+
+# Defaults that depend on the preset; a flag given on the command line wins.
+PRESETS = {
+    "gpt2": dict(epochs=10, batch_size=16, lr=2e-5, image_size=224, resize_size=232),
+    # Toy sizes for offline runs and tests. The random encoder is trained: frozen random
+    # features tell shapes apart poorly (see README, "The tiny preset").
+    "tiny": dict(epochs=40, batch_size=16, lr=1e-3, image_size=64, resize_size=64,
+                 n_layer=2, n_head=4, n_embd=128, n_positions=128, vocab_size=2000),
+}
+
+
+def positive_int(value):
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return n
+
+
+def positive_float(value):
+    x = float(value)
+    if not x > 0 or not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return x
+
+
+def fraction(value):
+    x = float(value)
+    if not 0 <= x < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return x
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", default="data/images", help="folder the image names are relative to (default: %(default)s)")
+    p.add_argument("--stories", default="data/stories.txt", help="image_name<TAB>story lines (default: %(default)s)")
+    p.add_argument("--out", default="vlm_model.pt", help="checkpoint to write (default: %(default)s)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="gpt2",
+                   help="gpt2: ResNet-50 + GPT-2 small, pretrained; tiny: toy sizes, random weights, offline")
+    p.add_argument("--epochs", type=positive_int, help="passes over the data (gpt2: 10, tiny: 40)")
+    p.add_argument("--batch-size", type=positive_int, help="stories per step (default: 16)")
+    p.add_argument("--lr", type=positive_float, help="peak learning rate of AdamW (gpt2: 2e-5, tiny: 1e-3)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: %(default)s)")
+    p.add_argument("--warmup", type=fraction, default=0.05,
+                   help="fraction of the steps spent warming the learning rate up before cosine decay (default: %(default)s)")
+    p.add_argument("--grad-clip", type=positive_float, default=1.0, help="gradient norm clip (default: %(default)s)")
+    p.add_argument("--prefix-length", type=positive_int, default=10,
+                   help="prefix embeddings the mapper makes from an image (default: %(default)s)")
+    p.add_argument("--freeze-gpt2", action="store_true", help="train the mapper only; GPT-2 stays as loaded")
+    p.add_argument("--train-encoder", action="store_true", help="fine-tune the image encoder too (tiny always does)")
+    p.add_argument("--gpt2", default="gpt2", help="GPT-2 to start from: a hub name or a save_pretrained folder (default: %(default)s)")
+    p.add_argument("--encoder-weights", help="ResNet-50 state_dict file to use instead of torchvision's ImageNet download")
+    p.add_argument("--val-split", type=fraction, default=0.1,
+                   help="fraction of the images held out for validation; 0 turns it off (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed repeats a CPU run exactly (default: %(default)s)")
+    p.add_argument("--device", type=utils.parse_device, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    args = p.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
+
+
+def build_model(args, tokenizer):
+    """A new model for the chosen preset, and where its frozen pretrained parts were loaded from."""
+    if args.preset == "tiny":
+        decoder = GPT2Config(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                             n_positions=args.n_positions, vocab_size=len(tokenizer),
+                             bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+        config = StoryConfig(encoder="resnet-tiny", image_size=args.image_size, resize_size=args.resize_size,
+                             prefix_length=args.prefix_length, decoder=decoder.to_dict(),
+                             train_encoder=True, train_decoder=not args.freeze_gpt2)
+        return StoryModel(config), {"encoder": None, "decoder": None}
+    gpt2 = utils.load_gpt2(args.gpt2)
+    config = StoryConfig(encoder="resnet50", image_size=args.image_size, resize_size=args.resize_size,
+                         prefix_length=args.prefix_length, decoder=gpt2.config.to_dict(),
+                         train_encoder=args.train_encoder, train_decoder=not args.freeze_gpt2)
+    model = StoryModel(config)
+    model.decoder.load_state_dict(gpt2.state_dict())
+    utils.load_resnet50_weights(model.encoder, args.encoder_weights)
+    # A frozen pretrained part is not stored in the checkpoint: generate.py reloads it from here.
+    sources = {"encoder": None if args.train_encoder else (args.encoder_weights or "imagenet"),
+               "decoder": None if not args.freeze_gpt2 else args.gpt2}
+    return model, sources
+
+
+@torch.no_grad()
+def evaluate(model, loader, device):
+    """Mean loss per story token over a loader."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        n = int(batch["attention_mask"].sum())
+        total += model(**batch).loss.item() * n
+        count += n
+    model.train()
+    return total / max(count, 1)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = utils.pick_device(args.device)
+
+    # Data: every problem is reported before any model is built or trained.
+    examples = dataset.read_stories(args.stories)
+    dataset.check_images(examples, args.images, args.stories, min_side=args.resize_size)
+    if args.preset == "tiny":
+        tokenizer = utils.train_tokenizer([ex.story for ex in examples], args.vocab_size)
+    else:
+        tokenizer = utils.load_gpt2_tokenizer(args.gpt2)
+
+    model, sources = build_model(args, tokenizer)
+    model.to(device).train()
+    config = model.config
+    transform = dataset.image_transform(config)
+    max_tokens = model.decoder.config.n_positions - config.prefix_length
+    train_examples, val_examples = dataset.split_by_image(examples, args.val_split, args.seed)
+    make_set = partial(dataset.StoryDataset, images_dir=args.images, tokenizer=tokenizer,
+                       transform=transform, max_tokens=max_tokens, min_side=config.resize_size)
+    train_set = make_set(train_examples)
+    if train_set.truncated:
+        print(f"warning: {train_set.truncated} stories are longer than the model's {max_tokens} tokens and were cut")
+    collate = partial(dataset.collate, pad_id=tokenizer.pad_token_id)
+    loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
+                        generator=torch.Generator().manual_seed(args.seed))
+    val_loader = DataLoader(make_set(val_examples), batch_size=args.batch_size, collate_fn=collate) if val_examples else None
+    n_images = len({ex.image for ex in train_examples})
+    print(f"data: {len(train_examples)} stories of {n_images} images for training, "
+          f"{len(val_examples)} stories held out for validation")
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_total = sum(p.numel() for p in model.parameters())
+    print(f"model: {config.encoder} -> {config.prefix_length}-token prefix -> GPT-2 "
+          f"({model.decoder.config.n_layer} layers); training {sum(p.numel() for p in params):,} "
+          f"of {n_total:,} parameters on {device}")
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    total_steps = args.epochs * len(loader)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(args.warmup * total_steps), total_steps)
+
+    step, start = 0, time.time()
+    for epoch in range(1, args.epochs + 1):
+        bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, dynamic_ncols=True)
+        running = None
+        for batch in bar:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss = model(**batch).loss
+            if not torch.isfinite(loss):
+                raise UserError(f"loss became {loss.item()} at step {step + 1}; lower --lr "
+                                f"(nothing was saved over {args.out})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
+            bar.set_postfix(loss=f"{running:.3f}")
+        line = f"epoch {epoch}/{args.epochs}: train loss {running:.4f}"
+        if val_loader is not None:
+            line += f", val loss {evaluate(model, val_loader, device):.4f}"
+        print(f"{line} ({time.time() - start:.0f}s)", flush=True)
+
+    checkpoint = {
+        "format": utils.CHECKPOINT_FORMAT,
+        "config": config.to_dict(),
+        "sources": sources,
+        "model": utils.stored_state(model, sources),
+        "tokenizer": utils.tokenizer_to_json(tokenizer),
+        "eos_token": tokenizer.eos_token,
+        "train": {"args": {k: v for k, v in vars(args).items()}, "step": step, "epoch": args.epochs,
+                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+    }
+    utils.save_checkpoint(checkpoint, args.out)
+    stored = ", ".join(k for k, v in sources.items() if v is None) + (", mapper" if "mapper" not in sources else "")
+    size = Path(args.out).stat().st_size / 2**20
+    print(f"saved {args.out} ({size:.1f} MiB: {stored} weights, tokenizer, optimizer state)")
+
+
+if __name__ == "__main__":
+    utils.run_cli(main)

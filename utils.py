@@ -1,0 +1,253 @@
+"""Shared plumbing: errors for the command line, devices, checkpoints, pretrained weights, tokenizers."""
+import os
+import socket
+import sys
+import tempfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+CHECKPOINT_FORMAT = 1
+EOS = "<|endoftext|>"  # GPT-2's end-of-text token; the tiny tokenizer uses the same string
+
+
+class UserError(Exception):
+    """A mistake the user can fix: printed as one line, exit code 2, no traceback."""
+
+
+class DataError(UserError):
+    """Several problems in the data, each already a line naming its file and line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def run_cli(main) -> None:
+    """Runs main(); turns a UserError into one line per problem on stderr and exit code 2."""
+    try:
+        code = main()
+    except UserError as err:
+        for line in str(err).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        if isinstance(err, DataError) and len(err.problems) > 1:
+            print(f"error: {len(err.problems)} problems found; fix them and run again", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code or 0)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' picks cuda, then mps, then cpu; anything else must be available here."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: MPS is not available on this machine; use --device auto or cpu")
+    return device
+
+
+def parse_device(value: str) -> str:
+    """argparse type for --device: auto, cpu, mps, cuda or cuda:N."""
+    import argparse
+    try:
+        device = torch.device(value) if value != "auto" else None
+    except RuntimeError:
+        device = False
+    if device is False or (device is not None and device.type not in ("cpu", "cuda", "mps")):
+        raise argparse.ArgumentTypeError(f"unknown device {value!r}; use auto, cpu, cuda, cuda:N or mps")
+    return value
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(obj: dict, path) -> None:
+    """Writes atomically: a temporary file in the same folder, flushed, then renamed over path.
+    A run killed at any moment leaves either the old checkpoint or the new one, never half of one."""
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise UserError(f"{path}: cannot write the checkpoint ({err.strerror}); choose another --out") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise UserError(f"{path}: cannot write the checkpoint ({err.strerror or err}); "
+                        f"free some space or choose another --out; the previous file is unchanged") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path) -> dict:
+    """Loads a checkpoint written by train.py. weights_only=True: a file can never run code."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found; train one with `python train.py` "
+                        f"(or `python train.py --preset tiny` offline) or pass --checkpoint FILE")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, foreign pickle, code-carrying pickle: all refused
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path}: not a readable checkpoint ({reason}); re-train or re-download it") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "config" not in ckpt:
+        raise UserError(f"{path}: not a checkpoint written by this repo's train.py (format {CHECKPOINT_FORMAT})")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------- pretrained weights
+
+def _host_reachable(url: str) -> bool:
+    """A DNS lookup, so an offline machine fails in a moment instead of after minutes of retries."""
+    try:
+        socket.getaddrinfo(urlparse(url).hostname, 443)
+        return True
+    except OSError:
+        return False
+
+
+OFFLINE_HINT = "pass a local copy ({flag}) or train offline with --preset tiny"
+
+
+def load_gpt2(name_or_dir: str):
+    """GPT-2 weights from a local save_pretrained folder, the Hugging Face cache, or the hub."""
+    from huggingface_hub import constants
+    from transformers import GPT2LMHeadModel
+    local = Path(name_or_dir).is_dir()
+    try:
+        return GPT2LMHeadModel.from_pretrained(name_or_dir, local_files_only=True)
+    except OSError:
+        if local:
+            raise UserError(f"{name_or_dir}: no GPT-2 model saved there (expected config.json and weights "
+                            f"from save_pretrained)") from None
+    if constants.HF_HUB_OFFLINE or not _host_reachable(constants.ENDPOINT):
+        raise UserError(f"cannot load GPT-2 {name_or_dir!r}: not in the Hugging Face cache and the hub is not "
+                        f"reachable; " + OFFLINE_HINT.format(flag="--gpt2 DIR")) from None
+    try:
+        return GPT2LMHeadModel.from_pretrained(name_or_dir)
+    except OSError as err:
+        raise UserError(f"cannot load GPT-2 {name_or_dir!r} ({str(err).splitlines()[0]}); "
+                        + OFFLINE_HINT.format(flag="--gpt2 DIR")) from None
+
+
+def load_gpt2_tokenizer(name_or_dir: str):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(name_or_dir, local_files_only=True)
+    except OSError:
+        pass
+    try:
+        return AutoTokenizer.from_pretrained(name_or_dir)
+    except OSError:
+        raise UserError(f"cannot load the tokenizer of {name_or_dir!r}; "
+                        + OFFLINE_HINT.format(flag="--gpt2 DIR")) from None
+
+
+def load_resnet50_weights(encoder: torch.nn.Module, weights_file=None) -> None:
+    """ImageNet weights into a ResNet-50 built by model.build_encoder: from weights_file (a
+    state_dict saved with torch.save) or through torchvision's weights API and its cache."""
+    from torchvision.models import ResNet50_Weights
+    if weights_file is not None:
+        try:
+            state = torch.load(weights_file, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise UserError(f"{weights_file}: encoder weights file not found") from None
+        except Exception as err:
+            raise UserError(f"{weights_file}: not a readable state_dict ({str(err).splitlines()[0][:200]})") from None
+    else:
+        weights = ResNet50_Weights.IMAGENET1K_V2
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
+        if not cached.is_file() and not _host_reachable(weights.url):
+            raise UserError("cannot load the ResNet-50 ImageNet weights: not in torchvision's cache and "
+                            "download.pytorch.org is not reachable; "
+                            + OFFLINE_HINT.format(flag="--encoder-weights FILE"))
+        try:
+            state = weights.get_state_dict(progress=True, check_hash=True)
+        except Exception as err:
+            raise UserError(f"cannot download the ResNet-50 ImageNet weights ({err}); "
+                            + OFFLINE_HINT.format(flag="--encoder-weights FILE")) from None
+    if not isinstance(state, dict):
+        raise UserError(f"{weights_file}: expected a ResNet-50 state_dict")
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the classifier is dropped
+    try:
+        encoder.load_state_dict(state)
+    except RuntimeError as err:
+        raise UserError(f"{weights_file}: not ResNet-50 weights ({str(err).splitlines()[0][:200]})") from None
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+def train_tokenizer(texts: list[str], vocab_size: int = 2000):
+    """A byte-level BPE (GPT-2's scheme) trained on the given stories: the offline tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return tokenizer_from_json(tok.to_str(), EOS)
+
+
+def tokenizer_from_json(tokenizer_json: str, eos_token: str):
+    """Rebuilds a tokenizer from the JSON string stored in a checkpoint (no files, no network)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer_json),
+                                   eos_token=eos_token, pad_token=eos_token)
+
+
+def tokenizer_to_json(tokenizer) -> str:
+    return tokenizer.backend_tokenizer.to_str()
+
+
+# ----------------------------------------------------------------------------- models
+
+def load_model(ckpt: dict, gpt2=None, encoder_weights=None):
+    """Rebuilds (model, tokenizer) from a loaded checkpoint. Weights the checkpoint does not hold
+    (a frozen pretrained encoder or GPT-2) come from where training took them, or from the
+    gpt2 / encoder_weights overrides."""
+    from model import StoryConfig, StoryModel
+    try:
+        config = StoryConfig.from_dict(ckpt["config"])
+        model = StoryModel(config)
+    except (TypeError, KeyError, ValueError) as err:
+        raise UserError(f"checkpoint has a config this code cannot build ({err}); "
+                        f"it was written by an incompatible version") from None
+    sources = ckpt.get("sources", {})
+    if sources.get("encoder") is not None:
+        path = encoder_weights or (None if sources["encoder"] == "imagenet" else sources["encoder"])
+        load_resnet50_weights(model.encoder, path)
+    if sources.get("decoder") is not None:
+        model.decoder.load_state_dict(load_gpt2(gpt2 or sources["decoder"]).state_dict())
+    stored = {name for name in ("encoder", "decoder", "mapper") if sources.get(name) is None}
+    expected = {k for k in model.state_dict() if k.split(".")[0] in stored}
+    state = ckpt["model"]
+    if set(state) != expected:
+        raise UserError("checkpoint weights do not match its config (missing or extra tensors); "
+                        "it was written by an incompatible version")
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        raise UserError(f"checkpoint weights do not fit its config ({str(err).splitlines()[1:2]})") from None
+    tokenizer = tokenizer_from_json(ckpt["tokenizer"], ckpt["eos_token"])
+    return model, tokenizer
+
+
+def stored_state(model, sources: dict) -> dict:
+    """The part of the state_dict a checkpoint must carry: every module without a source to reload from."""
+    keep = {name for name in ("encoder", "decoder", "mapper") if sources.get(name) is None}
+    return {k: v for k, v in model.state_dict().items() if k.split(".")[0] in keep}
