@@ -30,41 +30,49 @@ class Example:
     style: str | None = None
 
 
-def read_stories(path) -> list[Example]:
-    """Parses a stories file; raises DataError listing every bad line at once."""
+def read_examples(stories_path, images_dir, min_side=None) -> list[Example]:
+    """Parses the stories file and opens every image it names, before any training starts.
+    Raises DataError listing every problem at once, each with its file and line."""
+    examples, problems = parse_stories(stories_path)
+    problems += image_problems(examples, images_dir, stories_path, min_side)
+    if problems:
+        raise DataError([msg for _, msg in sorted(problems)])
+    if not examples:
+        raise UserError(f"{stories_path}: no stories found; add lines of image_name<TAB>story")
+    return examples
+
+
+def parse_stories(path) -> tuple[list[Example], list[tuple[int, str]]]:
+    """The good lines of a stories file as Examples, and (line, message) for each bad one."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: stories file not found; pass --stories FILE (lines of image_name<TAB>story)")
     examples, problems = [], []
-    raw = path.read_bytes()
-    for number, line_bytes in enumerate(raw.splitlines(), start=1):
+    for number, line_bytes in enumerate(path.read_bytes().splitlines(), start=1):
+        where = f"{path}:{number}:"
         try:
             line = line_bytes.decode("utf-8-sig" if number == 1 else "utf-8")
         except UnicodeDecodeError:
-            problems.append(f"{path}:{number}: not UTF-8 text; save the file as UTF-8")
+            problems.append((number, f"{where} not UTF-8 text; save the file as UTF-8"))
             continue
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         fields = [f.strip() for f in line.split("\t")]
         if len(fields) not in (2, 3):
-            problems.append(f"{path}:{number}: expected image_name<TAB>story[<TAB>style], "
-                            f"found {len(fields)} tab-separated field(s)")
+            problems.append((number, f"{where} expected image_name<TAB>story[<TAB>style], "
+                                     f"found {len(fields)} tab-separated field(s)"))
             continue
         image, story = fields[0], fields[1]
         style = fields[2] if len(fields) == 3 and fields[2] else None
         if not image:
-            problems.append(f"{path}:{number}: empty image name")
+            problems.append((number, f"{where} empty image name"))
         elif (why := _unsafe_name(image)):
-            problems.append(f"{path}:{number}: image name {image!r} {why}; give a path inside the images folder")
+            problems.append((number, f"{where} image name {image!r} {why}; give a path inside the images folder"))
         elif not story:
-            problems.append(f"{path}:{number}: empty story for {image}")
+            problems.append((number, f"{where} empty story for {image}"))
         else:
             examples.append(Example(image, story, number, style))
-    if problems:
-        raise DataError(problems)
-    if not examples:
-        raise UserError(f"{path}: no stories found; add lines of image_name<TAB>story")
-    return examples
+    return examples, problems
 
 
 def _unsafe_name(name: str) -> str | None:
@@ -134,11 +142,13 @@ def describe_image_error(path, err: Exception) -> str:
     if isinstance(err, Image.UnidentifiedImageError):
         return f"{path}: not an image Pillow can read"
     reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return f"{path}: unreadable image ({reason})"
+    if "truncated" in reason.lower():
+        return f"{path}: truncated image file (the end is missing); copy it again or remove it"
+    return f"{path}: unreadable image ({reason}); re-save it as JPEG or PNG, or remove it"
 
 
-def check_images(examples: list[Example], images_dir, stories_path, min_side=None) -> None:
-    """Opens every listed image once, before training; raises DataError naming each bad one."""
+def image_problems(examples: list[Example], images_dir, stories_path, min_side=None) -> list[tuple[int, str]]:
+    """Opens every listed image once; (line, message) for each one that cannot be used."""
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
         raise UserError(f"{images_dir}: images folder not found; pass --images DIR")
@@ -151,13 +161,11 @@ def check_images(examples: list[Example], images_dir, stories_path, min_side=Non
         try:
             load_image(path, min_side)
         except Exception as err:  # Pillow raises many types for broken files; all are reported
-            return f"{stories_path}:{first_line[name]}: {describe_image_error(path, err)}"
+            return first_line[name], f"{stories_path}:{first_line[name]}: {describe_image_error(path, err)}"
         return None
 
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        problems = [p for p in pool.map(problem, first_line) if p]
-    if problems:
-        raise DataError(problems)
+    with ThreadPoolExecutor(max_workers=4) as pool:  # Pillow decodes outside the GIL
+        return [p for p in pool.map(problem, first_line) if p]
 
 
 def split_by_image(examples: list[Example], fraction: float, seed: int):

@@ -6,6 +6,7 @@
 import argparse
 import json
 import sys
+import warnings
 
 import torch
 from transformers import GenerationConfig
@@ -13,6 +14,9 @@ from transformers import GenerationConfig
 import dataset
 import utils
 from train import fraction, positive_float, positive_int
+
+# The prefix is embeddings, not tokens, so n-gram blocking can only look at the story itself: as intended.
+warnings.filterwarnings("ignore", message="Passing `no_repeat_ngram_size` with `inputs_embeds`")
 
 # A story wants some surprise but stays on topic: top-k sampling, a little cooler than 1.
 DEFAULTS = dict(strategy="sample", top_k=50, top_p=1.0, temperature=0.8, num_beams=4,

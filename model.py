@@ -22,6 +22,7 @@ class StoryConfig:
     image_size: int = 224  # side of the centre crop the encoder sees
     resize_size: int = 232  # shorter side before the crop (ResNet50_Weights.IMAGENET1K_V2)
     prefix_length: int = 10  # number of prefix embeddings the mapper makes
+    feature_norm: bool = False  # LayerNorm the pooled features before the mapper
     decoder: dict = field(default_factory=dict)  # GPT2Config.to_dict() of the decoder
     train_encoder: bool = False
     train_decoder: bool = True
@@ -57,7 +58,10 @@ class StoryModel(nn.Module):
         self.config = config
         self.encoder = build_encoder(config.encoder)
         self.decoder = GPT2LMHeadModel(GPT2Config.from_dict(config.decoder))
+        self.decoder.loss_type = "ForCausalLM"  # say it, or transformers warns that it guessed
         n_embd = self.decoder.config.n_embd
+        # Random or unusual encoders give features of any scale; a LayerNorm evens them out.
+        self.feature_norm = nn.LayerNorm(config.feature_dim) if config.feature_norm else nn.Identity()
         self.mapper = nn.Linear(config.feature_dim, config.prefix_length * n_embd)
         self.encoder.requires_grad_(config.train_encoder)
         self.decoder.requires_grad_(config.train_decoder)
@@ -77,7 +81,7 @@ class StoryModel(nn.Module):
 
     def prefix(self, features: torch.Tensor) -> torch.Tensor:
         """(B, feature_dim) -> (B, prefix_length, n_embd) embeddings that start the story."""
-        prefix = self.mapper(features.to(self.mapper.weight.dtype))
+        prefix = self.mapper(self.feature_norm(features.to(self.mapper.weight.dtype)))
         return prefix.view(features.shape[0], self.config.prefix_length, -1)
 
     def forward(self, input_ids, attention_mask, images=None, features=None):

@@ -233,7 +233,7 @@ def load_model(ckpt: dict, gpt2=None, encoder_weights=None):
         load_resnet50_weights(model.encoder, path)
     if sources.get("decoder") is not None:
         model.decoder.load_state_dict(load_gpt2(gpt2 or sources["decoder"]).state_dict())
-    stored = {name for name in ("encoder", "decoder", "mapper") if sources.get(name) is None}
+    stored = {name for name in ("encoder", "decoder", "mapper", "feature_norm") if sources.get(name) is None}
     expected = {k for k in model.state_dict() if k.split(".")[0] in stored}
     state = ckpt["model"]
     if set(state) != expected:
@@ -249,5 +249,5 @@ def load_model(ckpt: dict, gpt2=None, encoder_weights=None):
 
 def stored_state(model, sources: dict) -> dict:
     """The part of the state_dict a checkpoint must carry: every module without a source to reload from."""
-    keep = {name for name in ("encoder", "decoder", "mapper") if sources.get(name) is None}
+    keep = {name for name in ("encoder", "decoder", "mapper", "feature_norm") if sources.get(name) is None}
     return {k: v for k, v in model.state_dict().items() if k.split(".")[0] in keep}

@@ -1,0 +1,73 @@
+"""Synthetic coloured shapes on coloured backgrounds: a data set where only the picture can
+tell the model which words to write. Used by the tests and by the README's measurement.
+
+    python tests/shapes.py OUT_DIR --n 1000     # OUT_DIR/images/*.png + OUT_DIR/stories.txt
+"""
+import argparse
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220),
+           "yellow": (240, 220, 20), "purple": (140, 40, 170)}
+BACKGROUNDS = {"white": (250, 250, 250), "black": (10, 10, 10), "gray": (128, 128, 128), "orange": (250, 140, 20)}
+SHAPES = ["circle", "square", "triangle"]
+
+
+def draw(colour, shape, background, rng, size=64):
+    img = Image.new("RGB", (size, size), BACKGROUNDS[background])
+    d = ImageDraw.Draw(img)
+    r = rng.randint(size // 5, size // 3)
+    cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
+    fill = COLOURS[colour]
+    if shape == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    return img
+
+
+def story(colour, shape, background):
+    return f"A {colour} {shape} on a {background} background."
+
+
+def make_shapes(out_dir, n, seed=0, size=64):
+    """Writes n images and a stories file; returns [(file name, colour, shape, background)]."""
+    rng = random.Random(seed)
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        colour, shape, background = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(BACKGROUNDS))
+        name = f"{seed}_{i:05d}.png"
+        draw(colour, shape, background, rng, size).save(out_dir / "images" / name)
+        rows.append((name, colour, shape, background))
+    lines = [f"{name}\t{story(c, s, b)}" for name, c, s, b in rows]
+    (out_dir / "stories.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return rows
+
+
+def score(rows, stories):
+    """Fraction of stories naming the right colour, shape and background."""
+    hits = {"colour": 0, "shape": 0, "background": 0}
+    for (_, colour, shape, background), text in zip(rows, stories):
+        words = text.lower().replace(".", " ").split()
+        hits["colour"] += words[1:2] == [colour]
+        hits["shape"] += words[2:3] == [shape]
+        hits["background"] += background in words[3:]
+    return {k: v / len(rows) for k, v in hits.items()}
+
+
+CHANCE = {"colour": 1 / len(COLOURS), "shape": 1 / len(SHAPES), "background": 1 / len(BACKGROUNDS)}
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out_dir", help="folder to write images/ and stories.txt into")
+    p.add_argument("--n", type=int, default=1000, help="number of images (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; use another for a held-out set (default: %(default)s)")
+    args = p.parse_args()
+    make_shapes(args.out_dir, args.n, args.seed)
+    print(f"wrote {args.n} images to {args.out_dir}")

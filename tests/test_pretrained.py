@@ -1,0 +1,44 @@
+"""The real (non-tiny) loading code, offline: a GPT-2 folder saved by save_pretrained and a
+ResNet-50 state_dict file, both made here; and a clear stop when weights cannot be had."""
+import torch
+import torchvision
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import utils
+from conftest import DATA, run_script, write_stories
+
+
+def test_train_and_generate_from_local_gpt2_and_resnet50_files(tmp_path):
+    stories = [line for line in (DATA / "stories.txt").read_text().splitlines() if not line.startswith("#")][:4]
+    tokenizer = utils.train_tokenizer([s.split("\t")[1] for s in stories], vocab_size=300)
+    gpt2_dir = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=64, vocab_size=len(tokenizer))).save_pretrained(gpt2_dir)
+    tokenizer.save_pretrained(gpt2_dir)
+    resnet = tmp_path / "resnet50.pth"
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), resnet)
+
+    out = tmp_path / "m.pt"
+    result = run_script("train.py", "--gpt2", gpt2_dir, "--encoder-weights", resnet, "--freeze-gpt2",
+                        "--stories", write_stories(tmp_path / "s.txt", stories), "--images", DATA / "images",
+                        "--epochs", "1", "--batch-size", "2", "--out", out, "--val-split", "0")
+    assert result.returncode == 0, result.stderr
+    ckpt = torch.load(out, weights_only=True)
+    # Frozen pretrained parts are reloaded from where they came from, not copied into the checkpoint.
+    assert ckpt["sources"] == {"encoder": str(resnet), "decoder": str(gpt2_dir)}
+    assert {k.split(".")[0] for k in ckpt["model"]} == {"mapper"}
+    assert ckpt["config"]["image_size"] == 224 and ckpt["config"]["encoder"] == "resnet50"
+
+    result = run_script("generate.py", DATA / "images" / "day_grass_house.jpg", "--checkpoint", out,
+                        "--strategy", "greedy", "--max-new-tokens", "5")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Generated Story:\n")
+
+
+def test_missing_weights_offline_stop_with_the_ways_out(tmp_path):
+    env = {"HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch"), "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "m.pt"
+    result = run_script("train.py", "--out", out, env=env, timeout=120)
+    assert result.returncode == 2
+    assert "--gpt2 DIR" in result.stderr and "--preset tiny" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()
