@@ -35,15 +35,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-class ImageFile(gr.Image):
-    """gr.Image that hands over the uploaded file unopened: gr.Image itself opens it with Pillow
-    and a file that is not an image would fail there with Pillow's error instead of ours."""
-    is_template = True  # drawn by gr.Image's own frontend
-
-    def preprocess(self, payload):
-        return None if payload is None else payload.path
-
-
 class Storyteller:
     """The model, loaded once, and the page's Generate button."""
 
@@ -52,7 +43,7 @@ class Storyteller:
         self.model, self.tokenizer = utils.load_model(utils.load_checkpoint(checkpoint))
         self.model.to(self.device).eval()
         self.styles = list(getattr(self.model.config, "styles", None) or [])  # checkpoints trained with styles
-        self.room = self.model.decoder.config.n_positions - self.model.config.prefix_length
+        self.room = generate.story_room(self.model)
 
     def stories(self, image, style=None, strategy=generate.DEFAULTS["strategy"],
                 temperature=generate.DEFAULTS["temperature"], max_new_tokens=generate.DEFAULTS["max_new_tokens"],
@@ -66,18 +57,24 @@ class Storyteller:
                                                 1, self.device, **style_arg)
         return stories
 
-    def on_generate(self, path, style, strategy, temperature, max_new_tokens, num_stories) -> str:
-        """The page's handler: the uploaded file's path in, the stories as text out; a problem the
-        user can fix becomes a message in the page (gr.Error), not a traceback."""
-        if path is None:
+    def on_generate(self, upload, style, strategy, temperature, max_new_tokens, num_stories) -> str:
+        """The Generate button: gradio's record of the uploaded file ({"path", "orig_name", ...}) and
+        the settings in, the stories as text out. A problem the user can fix becomes a message in
+        the page (gr.Error), not a traceback."""
+        if not upload:
             raise gr.Error("Upload an image, drop one here, or pick a sample first.", print_exception=False)
-        if strategy == "greedy" and num_stories > 1:
+        if strategy == "greedy" and int(num_stories) > 1:
             raise gr.Error("Greedy decoding gives one story; choose sample or beam for several.", print_exception=False)
+        name = upload.get("orig_name") or Path(upload["path"]).name
         try:
-            image = dataset.load_image(path, self.model.config.resize_size)
+            image = dataset.load_image(upload["path"], self.model.config.resize_size)
         except Exception as err:  # Pillow raises many types for broken files; each gets one line
-            raise gr.Error(dataset.describe_image_error(Path(path).name, err), print_exception=False) from None
-        stories = self.stories(image, style or None, strategy, float(temperature), int(max_new_tokens), int(num_stories))
+            raise gr.Error(dataset.describe_image_error(name, err), print_exception=False) from None
+        try:
+            stories = self.stories(image, style or None, strategy, float(temperature), int(max_new_tokens),
+                                   int(num_stories))
+        except utils.UserError as err:  # e.g. a style this model does not know
+            raise gr.Error(str(err), print_exception=False) from None
         if len(stories) == 1:
             return stories[0]
         return "\n\n".join(f"{k}. {story}" for k, story in enumerate(stories, start=1))
@@ -87,15 +84,15 @@ def build_page(teller: Storyteller | None, problem: str | None = None) -> gr.Blo
     """The page; without a model it only says why (problem), so a browser user learns it too."""
     # analytics_enabled=False: no usage reports and no version check leave this machine.
     with gr.Blocks(title="image-to-story", analytics_enabled=False) as page:
+        if teller is None:
+            gr.Markdown(f"# image-to-story\n**The model could not be loaded:** {problem}")
+            return page
         gr.Markdown("# image-to-story\nUpload or drop a picture (or pick a sample below), press **Generate**, "
                     "read its story.")
-        if teller is None:
-            gr.Markdown(f"**The model could not be loaded:** {problem}", elem_id="problem")
-            return page
         d = generate.DEFAULTS
         with gr.Row():
             with gr.Column():
-                image = ImageFile(label="Image", type="filepath", sources=["upload", "clipboard"])
+                image = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"])
                 gr.Examples(sorted(str(p) for p in SAMPLES.glob("*.jpg")), inputs=image, examples_per_page=12,
                             label="Sample images")
             with gr.Column():
@@ -110,7 +107,10 @@ def build_page(teller: Storyteller | None, problem: str | None = None) -> gr.Blo
                 count = gr.Slider(1, MAX_STORIES, value=1, step=1, label="Stories", info="sample or beam")
                 button = gr.Button("Generate", variant="primary")
                 output = gr.Textbox(label="Stories", lines=8, interactive=False, elem_id="stories")
-        button.click(teller.on_generate, [image, style, strategy, temperature, length, count], output)
+        # preprocess=False: the handler gets the uploaded file unopened. gr.Image's own preprocessing
+        # opens it with Pillow, and a file that is not an image would fail there with no clear message.
+        button.click(teller.on_generate, [image, style, strategy, temperature, length, count], output,
+                     preprocess=False)
     return page
 
 
@@ -126,7 +126,8 @@ def main(argv=None):
         # Gradio 6's default theme uses fonts shipped with gradio, so the page fetches nothing from the internet.
         page.launch(server_name=args.host, server_port=args.port, share=False, allowed_paths=[str(SAMPLES)])
     except OSError as err:
-        raise utils.UserError(f"cannot serve on {args.host}:{args.port} ({err}); choose another --port") from None
+        reason = str(err).split(". ")[0]  # gradio's advice after the first sentence names its own parameters
+        raise utils.UserError(f"cannot serve on {args.host}:{args.port} ({reason}); choose another --port") from None
 
 
 if __name__ == "__main__":

@@ -78,6 +78,11 @@ def generation_config(args, tokenizer, max_new_tokens) -> GenerationConfig:
     return GenerationConfig(do_sample=False, num_beams=1, **common)
 
 
+def story_room(model) -> int:
+    """Story tokens that fit in GPT-2's context after the prefix: the most --max-new-tokens can give."""
+    return model.decoder.config.n_positions - model.config.prefix_length
+
+
 def write_stories(model, tokenizer, images, gen_config, batch_size, device):
     """Yields (image path, [stories]) for PIL images, batch_size images per generate call."""
     transform = dataset.image_transform(model.config)
@@ -97,8 +102,7 @@ def main(argv=None):
     ckpt = utils.load_checkpoint(args.checkpoint)
     model, tokenizer = utils.load_model(ckpt, gpt2=args.gpt2, encoder_weights=args.encoder_weights)
     model.to(device).eval()
-    room = model.decoder.config.n_positions - model.config.prefix_length
-    gen_config = generation_config(args, tokenizer, min(args.max_new_tokens, room))
+    gen_config = generation_config(args, tokenizer, min(args.max_new_tokens, story_room(model)))
     if args.seed is not None:
         torch.manual_seed(args.seed)
 

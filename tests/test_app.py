@@ -15,6 +15,7 @@ from PIL import Image
 
 import app
 import generate
+import utils
 from conftest import DATA, ROOT
 
 BOAT = DATA / "images" / "night_sea_boat.jpg"
@@ -41,7 +42,7 @@ def test_the_page_tells_the_same_story_as_generate_py(teller, tiny_checkpoint, c
 
 
 def test_several_stories_are_numbered(teller):
-    text = teller.on_generate(str(BOAT), "", "beam", 0.8, 30, 2)
+    text = teller.on_generate({"path": str(BOAT)}, "", "sample", 0.8, 10, 2)
     assert text.startswith("1. ") and "\n\n2. " in text
 
 
@@ -49,10 +50,10 @@ def test_several_stories_are_numbered(teller):
                                               (BOAT.read_bytes()[:2000], "bad.png: truncated image file")],
                          ids=["text", "truncated"])
 def test_a_bad_image_is_a_message_in_the_page(teller, tmp_path, content, message):
-    bad = tmp_path / "bad.png"
+    bad = tmp_path / "upload-7f3a"  # gradio keeps the name the user gave in orig_name
     bad.write_bytes(content)
     with pytest.raises(gr.Error) as err:
-        teller.on_generate(str(bad), "", "sample", 0.8, 20, 1)
+        teller.on_generate({"path": str(bad), "orig_name": "bad.png"}, "", "sample", 0.8, 20, 1)
     assert err.value.message.startswith(message) and str(tmp_path) not in err.value.message
 
 
@@ -60,7 +61,17 @@ def test_no_image_or_greedy_with_several_stories_is_a_message(teller):
     with pytest.raises(gr.Error, match="Upload an image"):
         teller.on_generate(None, "", "sample", 0.8, 20, 1)
     with pytest.raises(gr.Error, match="Greedy decoding gives one story"):
-        teller.on_generate(str(BOAT), "", "greedy", 0.8, 20, 2)
+        teller.on_generate({"path": str(BOAT)}, "", "greedy", 0.8, 20, 2)
+
+
+def test_style_menu_only_for_a_model_with_styles(teller, monkeypatch):
+    def menu(page):
+        [dropdown] = [block for block in page.blocks.values() if isinstance(block, gr.Dropdown)]
+        return dropdown
+    assert menu(app.build_page(teller)).visible is False
+    monkeypatch.setattr(teller, "styles", ["funny", "noir"])
+    shown = menu(app.build_page(teller))
+    assert shown.visible is True and [value for _, value in shown.choices] == ["", "funny", "noir"]
 
 
 def test_missing_checkpoint_is_said_on_stderr_and_in_the_page(tmp_path, monkeypatch, capsys):
@@ -74,6 +85,15 @@ def test_missing_checkpoint_is_said_on_stderr_and_in_the_page(tmp_path, monkeypa
     assert any("checkpoint not found" in t and "python train.py" in t for t in texts)
     assert not any(isinstance(block, gr.Button) for block in page.blocks.values())
     assert kw["share"] is False and kw["server_name"] == "127.0.0.1" and kw["server_port"] == 7999
+
+
+def test_a_taken_port_is_one_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(utils.UserError, match=rf"^cannot serve on 127.0.0.1:{port} \(.*\); choose another --port$"):
+            app.main(["--checkpoint", str(tmp_path / "none.pt"), "--port", str(port)])
 
 
 def test_bad_port_is_refused_by_the_parser(capsys):
