@@ -5,6 +5,7 @@ blank lines and `#` comments are skipped; an image may have several lines). An o
 third column names the story's style.
 """
 import random
+import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,6 +21,11 @@ from torchvision.models import ResNet50_Weights
 from utils import DataError, UserError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
+# What load_image raises for a file that is not a usable image (UnidentifiedImageError is an OSError).
+IMAGE_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
+# load_image refuses every image over Image.MAX_IMAGE_PIXELS itself, with a clear error; Pillow
+# would only warn up to twice that limit, so its warning is redundant.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 @dataclass(frozen=True)
@@ -45,10 +51,21 @@ def read_examples(stories_path, images_dir, min_side=None) -> list[Example]:
 def parse_stories(path) -> tuple[list[Example], list[tuple[int, str]]]:
     """The good lines of a stories file as Examples, and (line, message) for each bad one."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: stories file not found; pass --stories FILE (lines of image_name<TAB>story)")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; pass --stories FILE (lines of image_name<TAB>story)")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path}: stories file not found; pass --stories FILE (lines of image_name<TAB>story)") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read the stories file ({err.strerror})") from None
+    # A whole file in the wrong format is one problem, not one per line.
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise UserError(f"{path}: UTF-16 text; save the stories file as UTF-8")
+    if b"\x00" in data:
+        raise UserError(f"{path}: a binary file, not text; --stories takes lines of image_name<TAB>story")
     examples, problems = [], []
-    for number, line_bytes in enumerate(path.read_bytes().splitlines(), start=1):
+    for number, line_bytes in enumerate(data.splitlines(), start=1):
         where = f"{path}:{number}:"
         try:
             line = line_bytes.decode("utf-8-sig" if number == 1 else "utf-8")
@@ -91,17 +108,25 @@ def load_image(path, min_side: int | None = None) -> Image.Image:
     EXIF orientation is applied, transparency is composited on white, 16-bit and float
     images are scaled to 8 bits, animations give their first frame. min_side lets a JPEG
     decode at a reduced scale that still covers that many pixels (much faster for photos).
-    Raises OSError or ValueError (Pillow's) for files that are not readable images.
+    Raises one of IMAGE_ERRORS for a file that is not a usable image, and
+    Image.DecompressionBombError for one with more pixels than Image.MAX_IMAGE_PIXELS
+    (set by --max-image-pixels) before decoding it.
     """
-    with warnings.catch_warnings():
-        # Pillow only warns between MAX_IMAGE_PIXELS and twice that; refuse those too.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
-            if min_side and img.format == "JPEG":
-                img.draft("RGB", (min_side, min_side))
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
+    with Image.open(path) as img:  # reads the header only
+        limit, pixels = Image.MAX_IMAGE_PIXELS, img.width * img.height
+        if limit and pixels > limit:
+            raise Image.DecompressionBombError(f"Image size ({pixels} pixels) exceeds limit of {limit} pixels")
+        if min_side and img.format == "JPEG":
+            img.draft("RGB", (min_side, min_side))
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img)
+
+
+def set_max_image_pixels(limit: int | None) -> None:
+    """--max-image-pixels: None keeps Pillow's default (about 89 million), 0 removes the limit."""
+    if limit is not None:
+        Image.MAX_IMAGE_PIXELS = limit or None
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -132,16 +157,24 @@ def image_transform(config):
 
 def describe_image_error(path, err: Exception) -> str:
     """One line saying why an image could not be used, and what to do."""
-    if isinstance(err, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-        return (f"{path}: image too large to open safely (over {Image.MAX_IMAGE_PIXELS} pixels, a possible "
-                f"decompression bomb); if you trust it, raise the limit with --max-image-pixels")
+    if isinstance(err, Image.DecompressionBombError):
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        pixels = int(found[1]) if found else None
+        return (f"{path}: {pixels or 'too many'} pixels, over the limit of {Image.MAX_IMAGE_PIXELS} that guards "
+                f"against decompression bombs; if you trust the file, raise it with --max-image-pixels "
+                f"{pixels or 'N'} (0 = no limit)")
     if isinstance(err, FileNotFoundError):
         return f"{path}: image not found"
     if isinstance(err, IsADirectoryError) or Path(path).is_dir():
         return f"{path}: is a directory, not an image"
+    if isinstance(err, PermissionError):
+        return f"{path}: cannot read it (permission denied); check the file's permissions"
+    if Path(path).is_file() and Path(path).stat().st_size == 0:
+        return f"{path}: empty file (0 bytes); copy it again or remove it"
     if isinstance(err, Image.UnidentifiedImageError):
-        return f"{path}: not an image Pillow can read"
-    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        return f"{path}: not an image Pillow can read (JPEG, PNG, GIF, WebP, TIFF, BMP ...)"
+    reason = getattr(err, "strerror", None) or str(err).strip() or type(err).__name__
+    reason = reason.splitlines()[0][:200]
     if "truncated" in reason.lower():
         return f"{path}: truncated image file (the end is missing); copy it again or remove it"
     return f"{path}: unreadable image ({reason}); re-save it as JPEG or PNG, or remove it"
@@ -151,7 +184,8 @@ def image_problems(examples: list[Example], images_dir, stories_path, min_side=N
     """Opens every listed image once; (line, message) for each one that cannot be used."""
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
-        raise UserError(f"{images_dir}: images folder not found; pass --images DIR")
+        what = "is a file, not a folder" if images_dir.exists() else "images folder not found"
+        raise UserError(f"{images_dir}: {what}; pass --images DIR, the folder the image names are relative to")
     first_line = {}
     for ex in examples:
         first_line.setdefault(ex.image, ex.line)
@@ -189,8 +223,9 @@ class StoryDataset(Dataset):
         self.transform = transform
         self.min_side = min_side
         eos = tokenizer.eos_token_id
-        ids = tokenizer([ex.story for ex in examples], add_special_tokens=False)["input_ids"]
-        self.truncated = sum(len(x) + 1 > max_tokens for x in ids)
+        # verbose=False: train.py reports the stories that are too long itself, in one line.
+        ids = tokenizer([ex.story for ex in examples], add_special_tokens=False, verbose=False)["input_ids"]
+        self.truncated = [ex.line for ex, x in zip(examples, ids) if len(x) + 1 > max_tokens]  # line numbers
         self.tokens = [torch.tensor(x[: max_tokens - 1] + [eos]) for x in ids]
 
     def __len__(self):

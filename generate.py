@@ -13,7 +13,7 @@ from transformers import GenerationConfig
 
 import dataset
 import utils
-from train import fraction, positive_float, positive_int
+from train import checked_number, non_negative_int, positive_float, positive_int
 
 # The prefix is embeddings, not tokens, so n-gram blocking can only look at the story itself: as intended.
 warnings.filterwarnings("ignore", message="Passing `no_repeat_ngram_size` with `inputs_embeds`")
@@ -24,17 +24,7 @@ DEFAULTS = dict(strategy="sample", top_k=50, top_p=1.0, temperature=0.8, num_bea
 
 
 def top_p_value(value):
-    x = float(value)
-    if not 0 < x <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return x
-
-
-def non_negative_int(value):
-    n = int(value)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return n
+    return checked_number(float, value, lambda x: 0 < x <= 1, "in (0, 1]")
 
 
 def parse_args(argv=None):
@@ -59,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--device", type=utils.parse_device, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--gpt2", help="where to load a frozen GPT-2 from, if not where training took it")
     p.add_argument("--encoder-weights", help="ResNet-50 state_dict file, if the encoder was frozen and is not in torchvision's cache")
+    p.add_argument("--max-image-pixels", type=non_negative_int,
+                   help="refuse larger images, a guard against decompression bombs; 0 = no limit (default: Pillow's, about 89 million)")
     args = p.parse_args(argv)
     if args.strategy == "greedy" and args.num_stories > 1:
         p.error("--num-stories above 1 needs --strategy sample or beam (greedy gives one story)")
@@ -99,8 +91,9 @@ def write_stories(model, tokenizer, images, gen_config, batch_size, device):
 def main(argv=None):
     args = parse_args(argv)
     device = utils.pick_device(args.device)
+    dataset.set_max_image_pixels(args.max_image_pixels)
     ckpt = utils.load_checkpoint(args.checkpoint)
-    model, tokenizer = utils.load_model(ckpt, gpt2=args.gpt2, encoder_weights=args.encoder_weights)
+    model, tokenizer = utils.load_model(ckpt, gpt2=args.gpt2, encoder_weights=args.encoder_weights, where=args.checkpoint)
     model.to(device).eval()
     gen_config = generation_config(args, tokenizer, min(args.max_new_tokens, story_room(model)))
     if args.seed is not None:

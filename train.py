@@ -6,6 +6,7 @@
 import argparse
 import math
 import random
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -31,25 +32,35 @@ PRESETS = {
 }
 
 
+def checked_number(kind, value, ok, allowed):
+    """An argparse type: value converted by kind and checked by ok, or refused naming the allowed range."""
+    try:
+        x = kind(value)
+    except ValueError:
+        x = None
+    if x is None or not ok(x):
+        raise argparse.ArgumentTypeError(f"must be {allowed}, got {value}")
+    return x
+
+
 def positive_int(value):
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return n
+    return checked_number(int, value, lambda n: n >= 1, "a positive integer")
+
+
+def non_negative_int(value):
+    return checked_number(int, value, lambda n: n >= 0, "0 or more")
 
 
 def positive_float(value):
-    x = float(value)
-    if not x > 0 or not math.isfinite(x):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
-    return x
+    return checked_number(float, value, lambda x: x > 0 and math.isfinite(x), "a positive number")
+
+
+def non_negative_float(value):
+    return checked_number(float, value, lambda x: x >= 0 and math.isfinite(x), "0 or more")
 
 
 def fraction(value):
-    x = float(value)
-    if not 0 <= x < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
-    return x
+    return checked_number(float, value, lambda x: 0 <= x < 1, "in [0, 1)")
 
 
 def parse_args(argv=None):
@@ -62,7 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=positive_int, help="passes over the data (gpt2: 10, tiny: 40)")
     p.add_argument("--batch-size", type=positive_int, help="stories per step (default: 16)")
     p.add_argument("--lr", type=positive_float, help="peak learning rate of AdamW (gpt2: 2e-5, tiny: 1e-3)")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: %(default)s)")
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.01, help="AdamW weight decay (default: %(default)s)")
     p.add_argument("--warmup", type=fraction, default=0.05,
                    help="fraction of the steps spent warming the learning rate up before cosine decay (default: %(default)s)")
     p.add_argument("--grad-clip", type=positive_float, default=1.0, help="gradient norm clip (default: %(default)s)")
@@ -79,6 +90,8 @@ def parse_args(argv=None):
                    help="fraction of the images held out for validation; 0 turns it off (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed repeats a CPU run exactly (default: %(default)s)")
     p.add_argument("--device", type=utils.parse_device, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--max-image-pixels", type=non_negative_int,
+                   help="refuse larger images, a guard against decompression bombs; 0 = no limit (default: Pillow's, about 89 million)")
     args = p.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key, None) is None:
@@ -128,6 +141,7 @@ def main(argv=None):
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = utils.pick_device(args.device)
+    dataset.set_max_image_pixels(args.max_image_pixels)
 
     # Data: every problem is reported before any model is built or trained.
     examples = dataset.read_examples(args.stories, args.images, min_side=args.resize_size)
@@ -141,16 +155,23 @@ def main(argv=None):
     config = model.config
     transform = dataset.image_transform(config)
     max_tokens = model.decoder.config.n_positions - config.prefix_length
+    if max_tokens < 2:  # a story needs at least one token and its end-of-text
+        raise UserError(f"--prefix-length {config.prefix_length} leaves no room for a story in GPT-2's "
+                        f"{model.decoder.config.n_positions} positions; use at most {model.decoder.config.n_positions - 2}")
     train_examples, val_examples = dataset.split_by_image(examples, args.val_split, args.seed)
     make_set = partial(dataset.StoryDataset, images_dir=args.images, tokenizer=tokenizer,
                        transform=transform, max_tokens=max_tokens, min_side=config.resize_size)
     train_set = make_set(train_examples)
-    if train_set.truncated:
-        print(f"warning: {train_set.truncated} stories are longer than the model's {max_tokens} tokens and were cut")
+    val_set = make_set(val_examples) if val_examples else None
+    cut = sorted(train_set.truncated + (val_set.truncated if val_set is not None else []))
+    if cut:  # long stories are cut, not refused: one line, counting them all
+        lines = ", ".join(map(str, cut[:10])) + (", ..." if len(cut) > 10 else "")
+        print(f"warning: {args.stories}: {len(cut)} of {len(examples)} stories are longer than the {max_tokens} "
+              f"tokens the model has room for and were cut (lines {lines})", file=sys.stderr)
     collate = partial(dataset.collate, pad_id=tokenizer.pad_token_id)
     loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
                         generator=torch.Generator().manual_seed(args.seed))
-    val_loader = DataLoader(make_set(val_examples), batch_size=args.batch_size, collate_fn=collate) if val_examples else None
+    val_loader = DataLoader(val_set, batch_size=args.batch_size, collate_fn=collate) if val_set is not None else None
     n_images = len({ex.image for ex in train_examples})
     print(f"data: {len(train_examples)} stories of {n_images} images for training, "
           f"{len(val_examples)} stories held out for validation")

@@ -1,8 +1,11 @@
 """Shared plumbing: errors for the command line, devices, checkpoints, pretrained weights, tokenizers."""
 import os
+import re
 import socket
 import sys
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -19,9 +22,12 @@ class UserError(Exception):
 class DataError(UserError):
     """Several problems in the data, each already a line naming its file and line."""
 
+    SHOWN = 20  # a wrong file (a CSV, say) can have a problem on every line: show the first few
+
     def __init__(self, problems: list[str]):
         self.problems = problems
-        super().__init__("\n".join(problems))
+        hidden = len(problems) - self.SHOWN
+        super().__init__("\n".join(problems[:self.SHOWN] + ([f"... and {hidden} more"] if hidden > 0 else [])))
 
 
 def run_cli(main) -> None:
@@ -92,19 +98,56 @@ def save_checkpoint(obj: dict, path) -> None:
         raise
 
 
-def load_checkpoint(path) -> dict:
-    """Loads a checkpoint written by train.py. weights_only=True: a file can never run code."""
+def load_torch_file(path, what: str):
+    """torch.load(weights_only=True) with one clear line for each way a file can be wrong.
+    weights_only=True unpickles tensors and plain data only: a file carrying code is refused
+    before anything in it runs."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, not a {what} file")
     if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found; train one with `python train.py` "
-                        f"(or `python train.py --preset tiny` offline) or pass --checkpoint FILE")
+        raise FileNotFoundError(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, foreign pickle, code-carrying pickle: all refused
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path}: not a readable checkpoint ({reason}); re-train or re-download it") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "config" not in ckpt:
-        raise UserError(f"{path}: not a checkpoint written by this repo's train.py (format {CHECKPOINT_FORMAT})")
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as err:
+        raise UserError(f"{path}: cannot read the {what} ({err.strerror}); check its permissions") from None
+    if not head:
+        raise UserError(f"{path}: empty file (0 bytes), not a {what}; copy it again")
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols it then refuses anyway
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, KeyError, EOFError, ...
+        zipped = head == b"PK\x03\x04"  # torch.save writes a zip archive; old versions a bare pickle
+        if zipped and not zipfile.is_zipfile(path):
+            raise UserError(f"{path}: truncated or corrupt (the end of the file is missing); "
+                            f"copy it again or re-train") from None
+        if "Weights only load failed" in str(err) and (zipped or head.startswith(b"\x80")):
+            found = re.search(r"GLOBAL (\S+)", str(err))
+            raise UserError(f"{path}: refused: it holds pickled Python objects" + (f" ({found[1]})" if found else "")
+                            + f" beyond tensors and plain data; loading those can run code, so nothing in it was "
+                            f"loaded or run; use a {what} from a source you trust") from None
+        kind = "zip archive" if zipped else "file"
+        raise UserError(f"{path}: not a {what} (torch.load cannot read this {kind})") from None
+
+
+def load_checkpoint(path) -> dict:
+    """Loads a checkpoint written by train.py; a file can never run code (see load_torch_file)."""
+    try:
+        ckpt = load_torch_file(path, "checkpoint")
+    except FileNotFoundError:
+        raise UserError(f"{path}: checkpoint not found; train one with `python train.py` "
+                        f"(or `python train.py --preset tiny` offline) or pass --checkpoint FILE") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: not a checkpoint written by this repo's train.py (format {CHECKPOINT_FORMAT}; "
+                        f"a bare state_dict has no config to rebuild the model from)")
+    required = {"config": dict, "model": dict, "tokenizer": str, "eos_token": str}
+    wrong = [key for key, kind in required.items() if not isinstance(ckpt.get(key), kind)]
+    if not isinstance(ckpt.get("sources", {}), dict):  # optional: no sources means every weight is stored
+        wrong.append("sources")
+    if wrong:
+        raise UserError(f"{path}: incomplete checkpoint ({', '.join(wrong)} missing or malformed); re-train it")
     return ckpt
 
 
@@ -122,10 +165,21 @@ def _host_reachable(url: str) -> bool:
 OFFLINE_HINT = "pass a local copy ({flag}) or train offline with --preset tiny"
 
 
+def check_gpt2_path(name_or_dir: str) -> None:
+    """A --gpt2 value that is clearly a path must be a folder: never ask the hub for '/data/gpt2'."""
+    path = Path(name_or_dir).expanduser()
+    if path.is_file():
+        raise UserError(f"{name_or_dir}: is a file; --gpt2 takes a hub name or a folder written by save_pretrained")
+    if not path.exists() and (path.is_absolute() or name_or_dir.startswith((".", "~"))):
+        raise UserError(f"{name_or_dir}: GPT-2 folder not found; --gpt2 takes a hub name or a folder "
+                        f"written by save_pretrained")
+
+
 def load_gpt2(name_or_dir: str):
     """GPT-2 weights from a local save_pretrained folder, the Hugging Face cache, or the hub."""
     from huggingface_hub import constants
     from transformers import GPT2LMHeadModel
+    check_gpt2_path(name_or_dir)
     local = Path(name_or_dir).is_dir()
     try:
         return GPT2LMHeadModel.from_pretrained(name_or_dir, local_files_only=True)
@@ -145,6 +199,7 @@ def load_gpt2(name_or_dir: str):
 
 def load_gpt2_tokenizer(name_or_dir: str):
     from transformers import AutoTokenizer
+    check_gpt2_path(name_or_dir)
     try:
         return AutoTokenizer.from_pretrained(name_or_dir, local_files_only=True)
     except OSError:
@@ -162,11 +217,9 @@ def load_resnet50_weights(encoder: torch.nn.Module, weights_file=None) -> None:
     from torchvision.models import ResNet50_Weights
     if weights_file is not None:
         try:
-            state = torch.load(weights_file, map_location="cpu", weights_only=True)
+            state = load_torch_file(weights_file, "ResNet-50 state_dict")
         except FileNotFoundError:
             raise UserError(f"{weights_file}: encoder weights file not found") from None
-        except Exception as err:
-            raise UserError(f"{weights_file}: not a readable state_dict ({str(err).splitlines()[0][:200]})") from None
     else:
         weights = ResNet50_Weights.IMAGENET1K_V2
         cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
@@ -216,34 +269,42 @@ def tokenizer_to_json(tokenizer) -> str:
 
 # ----------------------------------------------------------------------------- models
 
-def load_model(ckpt: dict, gpt2=None, encoder_weights=None):
-    """Rebuilds (model, tokenizer) from a loaded checkpoint. Weights the checkpoint does not hold
-    (a frozen pretrained encoder or GPT-2) come from where training took them, or from the
-    gpt2 / encoder_weights overrides."""
+def load_model(ckpt: dict, gpt2=None, encoder_weights=None, where="checkpoint"):
+    """Rebuilds (model, tokenizer) from a checkpoint loaded by load_checkpoint (where: its path,
+    for messages). Weights the checkpoint does not hold (a frozen pretrained encoder or GPT-2)
+    come from where training took them, or from the gpt2 / encoder_weights overrides."""
     from model import StoryConfig, StoryModel
+    incompatible = "it was written by an incompatible version of this code; re-train it"
     try:
         config = StoryConfig.from_dict(ckpt["config"])
         model = StoryModel(config)
     except (TypeError, KeyError, ValueError) as err:
-        raise UserError(f"checkpoint has a config this code cannot build ({err}); "
-                        f"it was written by an incompatible version") from None
+        raise UserError(f"{where}: has a config this code cannot build ({err}); {incompatible}") from None
     sources = ckpt.get("sources", {})
     if sources.get("encoder") is not None:
         path = encoder_weights or (None if sources["encoder"] == "imagenet" else sources["encoder"])
         load_resnet50_weights(model.encoder, path)
     if sources.get("decoder") is not None:
-        model.decoder.load_state_dict(load_gpt2(gpt2 or sources["decoder"]).state_dict())
+        name = gpt2 or sources["decoder"]
+        try:
+            model.decoder.load_state_dict(load_gpt2(name).state_dict())
+        except RuntimeError:
+            raise UserError(f"{name}: this GPT-2 does not have the size {where} was trained with") from None
     stored = {name for name in ("encoder", "decoder", "mapper", "feature_norm") if sources.get(name) is None}
     expected = {k for k in model.state_dict() if k.split(".")[0] in stored}
     state = ckpt["model"]
     if set(state) != expected:
-        raise UserError("checkpoint weights do not match its config (missing or extra tensors); "
-                        "it was written by an incompatible version")
+        raise UserError(f"{where}: its weights do not match its config ({len(expected - set(state))} missing, "
+                        f"{len(set(state) - expected)} unexpected tensors); {incompatible}")
     try:
         model.load_state_dict(state, strict=False)
     except RuntimeError as err:
-        raise UserError(f"checkpoint weights do not fit its config ({str(err).splitlines()[1:2]})") from None
-    tokenizer = tokenizer_from_json(ckpt["tokenizer"], ckpt["eos_token"])
+        detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), "")
+        raise UserError(f"{where}: its weights do not fit its config ({detail[:200]}); {incompatible}") from None
+    try:
+        tokenizer = tokenizer_from_json(ckpt["tokenizer"], ckpt["eos_token"])
+    except Exception as err:  # the tokenizers library raises a bare Exception for bad JSON
+        raise UserError(f"{where}: its tokenizer is unreadable ({str(err)[:200]}); re-train it") from None
     return model, tokenizer
 
 

@@ -102,7 +102,7 @@ def test_check_images_names_every_bad_file_with_its_line(tmp_path):
         dataset.read_examples(stories, images)
     problems = err.value.problems
     assert len(problems) == 6  # the image problems and the bad line, in line order
-    for line, word in zip(range(2, 8), ["not found", "not an image", "not an image", "truncated", "directory", "tab"]):
+    for line, word in zip(range(2, 8), ["not found", "empty file", "not an image", "truncated", "directory", "tab"]):
         hit = [p for p in problems if p.startswith(f"{stories}:{line}:")]
         assert hit and word in hit[0], (line, problems)
 
