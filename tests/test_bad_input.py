@@ -244,6 +244,28 @@ def test_generate_names_each_bad_image_and_still_writes_the_good_ones(tiny_check
     assert snapshot(ws) == before
 
 
+# ----------------------------------------------------------------------------- app.py
+
+APP_FLAG_CASES = [
+    ("port 0", ["--port", "0"], "argument --port: must be in [1, 65535], got 0"),
+    ("unknown device", ["--device", "tpu"], "argument --device: unknown device 'tpu'"),
+]
+
+
+@pytest.mark.parametrize("case, args, expected", APP_FLAG_CASES, ids=[c[0] for c in APP_FLAG_CASES])
+def test_app_refuses_flag(case, args, expected, ws, capsys):
+    import app  # imports gradio: only when these run
+    check_refused(app.parse_args, args, expected, ws, capsys)
+
+
+@pytest.mark.parametrize("case, name, expected", GENERATE_CHECKPOINT_CASES[:7], ids=[c[0] for c in GENERATE_CHECKPOINT_CASES[:7]])
+def test_app_names_a_bad_checkpoint(case, name, expected, checkpoints):
+    import app  # the page shows this line instead of the model (app.main)
+    with pytest.raises(utils.UserError) as err:
+        app.Storyteller(checkpoints / name, "cpu")
+    assert str(err.value).startswith(f"{checkpoints / name}" + expected[len(name):])
+
+
 # ----------------------------------------------------------------------------- unusual but valid
 
 def unusual_images(folder):
