@@ -1,5 +1,6 @@
-"""Every bad input of train.py and generate.py, as a table: exit code 2, one line `error: ...`
-naming the file (and line) and what to do, no traceback, and no file created or changed.
+"""Every bad input of train.py and generate.py (and app.py's own), as tables: exit code 2, one
+line `error: ...` naming the file (and line) and what to do, no traceback, and no file created
+or changed.
 
 The scripts run in this process through utils.run_cli, exactly as their `__main__` does, so the
 table stays fast; an exception other than the clear error fails the test like a traceback would.
@@ -21,6 +22,7 @@ from conftest import DATA
 
 GOOD = DATA / "images" / "day_grass_house.jpg"  # 320x240 = 76800 pixels
 PIXEL_LIMIT = "100000"  # over GOOD, under big.png
+PREVIOUS = b"the previous checkpoint, which must survive"
 
 STORIES = {
     "good.txt": b"good.jpg\tA red house stood in the meadow.\n",
@@ -56,7 +58,7 @@ def ws(tmp_path_factory):
     (images / "folder.jpg").mkdir()
     for name, data in STORIES.items():
         (root / name).write_bytes(data)
-    (root / "out.pt").write_bytes(b"the previous checkpoint, which must survive")
+    (root / "out.pt").write_bytes(PREVIOUS)
     return root
 
 
@@ -91,7 +93,7 @@ def check_refused(main, argv, expected, ws, capsys, lines=1):
     for piece in [expected] if isinstance(expected, str) else expected:
         assert piece.format(ws=ws) in errors[-1], err
     assert len(errors) == lines and "Traceback" not in err, err
-    assert snapshot(ws) == before  # the previous checkpoint keeps its bytes and mtime; no new files
+    assert snapshot(ws) == before and (ws / "out.pt").read_bytes() == PREVIOUS  # nothing new, nothing changed
     return out, err
 
 
