@@ -27,10 +27,8 @@ def top_p_value(value):
     return checked_number(float, value, lambda x: 0 < x <= 1, "in (0, 1]")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("images", nargs="+", help="image files to write stories about")
-    p.add_argument("--checkpoint", default="vlm_model.pt", help="checkpoint written by train.py (default: %(default)s)")
+def add_decoding_args(p):
+    """The decoding flags, shared with evaluate.py so both decode the same way."""
     p.add_argument("--strategy", choices=["greedy", "sample", "beam"], default=DEFAULTS["strategy"],
                    help="greedy: most likely words; sample: top-k/top-p sampling; beam: beam search (default: %(default)s)")
     p.add_argument("--top-k", type=non_negative_int, default=DEFAULTS["top_k"], help="sample from the k most likely tokens; 0 = all (default: %(default)s)")
@@ -44,6 +42,18 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=positive_int, default=DEFAULTS["max_new_tokens"], help="story length limit in tokens (default: %(default)s)")
     p.add_argument("--num-stories", type=positive_int, default=1, help="stories per image, with sample or beam (default: %(default)s)")
     p.add_argument("--seed", type=int, help="random seed: the same seed gives the same stories")
+
+
+def check_decoding_args(p, args):
+    if args.strategy == "greedy" and args.num_stories > 1:
+        p.error("--num-stories above 1 needs --strategy sample or beam (greedy gives one story)")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("images", nargs="+", help="image files to write stories about")
+    p.add_argument("--checkpoint", default="vlm_model.pt", help="checkpoint written by train.py (default: %(default)s)")
+    add_decoding_args(p)
     p.add_argument("--batch-size", type=positive_int, default=8, help="images encoded and decoded together (default: %(default)s)")
     p.add_argument("--json", action="store_true", help='print one JSON object per story: {"image": ..., "story": ...}')
     p.add_argument("--device", type=utils.parse_device, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
@@ -52,8 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--max-image-pixels", type=non_negative_int,
                    help="refuse larger images, a guard against decompression bombs; 0 = no limit (default: Pillow's, about 89 million)")
     args = p.parse_args(argv)
-    if args.strategy == "greedy" and args.num_stories > 1:
-        p.error("--num-stories above 1 needs --strategy sample or beam (greedy gives one story)")
+    check_decoding_args(p, args)
     return args
 
 
