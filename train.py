@@ -185,6 +185,8 @@ def main(argv=None):
     total_steps = args.epochs * len(loader)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(args.warmup * total_steps), total_steps)
 
+    log = utils.MetricsLog(utils.metrics_path(args.out))
+    print(f"logging metrics to {log}")
     step, start = 0, time.time()
     for epoch in range(1, args.epochs + 1):
         bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, dynamic_ncols=True, disable=None)
@@ -199,14 +201,19 @@ def main(argv=None):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
             optimizer.step()
+            lr = scheduler.get_last_lr()[0]  # the rate this step used
             scheduler.step()
             step += 1
             running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
+            log.write(step, epoch=epoch, train_loss=loss.item(), lr=lr)
             bar.set_postfix(loss=f"{running:.3f}")
         line = f"epoch {epoch}/{args.epochs}: train loss {running:.4f}"
         if val_loader is not None:
-            line += f", val loss {evaluate(model, val_loader, device):.4f}"
+            val_loss = evaluate(model, val_loader, device)
+            line += f", val loss {val_loss:.4f}"
+            log.write(step, epoch=epoch, val_loss=val_loss)
         print(f"{line} ({time.time() - start:.0f}s)", flush=True)
+    log.close()
 
     checkpoint = {
         "format": utils.CHECKPOINT_FORMAT,

@@ -1,11 +1,14 @@
 """Shared plumbing: errors for the command line, devices, checkpoints, pretrained weights, tokenizers."""
+import json
 import os
 import re
 import socket
 import sys
 import tempfile
+import time
 import warnings
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -149,6 +152,69 @@ def load_checkpoint(path) -> dict:
     if wrong:
         raise UserError(f"{path}: incomplete checkpoint ({', '.join(wrong)} missing or malformed); re-train it")
     return ckpt
+
+
+@contextmanager
+def atomic_write(path, mode: str = "w"):
+    """A file (text, or bytes with mode "wb") that appears at path only when the with-block ends
+    without an error: a failed or interrupted run leaves the previous file (or none), never half of one."""
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise UserError(f"{path}: cannot write here ({err.strerror}); choose another path") from None
+    try:
+        text = {} if "b" in mode else {"encoding": "utf-8", "newline": "\n"}
+        with os.fdopen(fd, mode, **text) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ----------------------------------------------------------------------------- training logs
+
+def metrics_path(checkpoint) -> Path:
+    """Where train.py logs a checkpoint's metrics: vlm_model.pt -> vlm_model.metrics.jsonl beside it."""
+    return Path(checkpoint).with_suffix(".metrics.jsonl")
+
+
+class MetricsLog:
+    """One JSON object per line ({"step": 12, "epoch": 1, "train_loss": 3.2, "lr": 1e-3, "time": 4.1}),
+    flushed as it goes, so a crashed run keeps its curve; `evaluate.py --curves` draws it. The same
+    values go to TensorBoard (runs/<name> beside the log) when tensorboard is installed.
+    append=True continues the log of a resumed run instead of starting it over."""
+
+    def __init__(self, path, append: bool = False):
+        self.path = Path(path)
+        try:
+            self.file = open(self.path, "a" if append else "w", encoding="utf-8")
+        except OSError as err:
+            raise UserError(f"{self.path}: cannot write the metrics log ({err.strerror}); choose another --out") from None
+        self.start = time.time()
+        self.tensorboard = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # needs `pip install tensorboard`; optional
+        except ImportError:
+            return
+        self.tensorboard = SummaryWriter(self.path.parent / "runs" / self.path.name.removesuffix(".metrics.jsonl"))
+
+    def write(self, step: int, **values) -> None:
+        self.file.write(json.dumps({"step": step, **values, "time": round(time.time() - self.start, 3)}) + "\n")
+        self.file.flush()
+        if self.tensorboard is not None:
+            for key, value in values.items():
+                if key != "epoch" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+    def __str__(self):
+        return str(self.path) + (f" and TensorBoard {self.tensorboard.log_dir}" if self.tensorboard else "")
 
 
 # ----------------------------------------------------------------------------- pretrained weights
