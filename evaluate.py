@@ -1,0 +1,337 @@
+"""Scores a model trained by train.py on a stories file, and draws what it makes.
+
+    python evaluate.py --checkpoint vlm_model.pt --images data/images --stories data/stories.txt
+    python evaluate.py --strategy beam --out metrics.json --sheet sheet.png --curves curves.png
+
+Writes a story for every image in the stories file (with generate.py's decoding flags) and reports:
+the loss and perplexity of the reference stories under the model; BLEU-4, ROUGE-L and CIDEr-D of
+the generated stories against all the references of their image; their diversity; whether the model
+prefers each image's own stories to the other images' stories; and CLIPScore when CLIP weights are
+on this machine. Prints a table and writes the numbers and the stories to --out as JSON.
+"""
+import argparse
+import json
+import math
+import random
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import dataset
+import generate
+import metrics
+import utils
+from train import positive_int
+from utils import UserError
+
+CLIP_DEFAULT = "openai/clip-vit-base-patch32"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default="vlm_model.pt", help="checkpoint written by train.py (default: %(default)s)")
+    p.add_argument("--images", default="data/images", help="folder the image names are relative to (default: %(default)s)")
+    p.add_argument("--stories", default="data/stories.txt",
+                   help="image_name<TAB>story lines: the images to write about and their reference stories (default: %(default)s)")
+    p.add_argument("--out", default="metrics.json", help="JSON file for the metrics and the generated stories (default: %(default)s)")
+    p.add_argument("--sheet", help="also draw a contact sheet PNG: thumbnails with their generated stories")
+    p.add_argument("--sheet-images", type=positive_int, default=24,
+                   help="images on the contact sheet, the first ones of the stories file (default: %(default)s)")
+    p.add_argument("--curves", help="also draw the training curves PNG from the checkpoint's metrics log")
+    p.add_argument("--metrics-log", help="metrics log written by train.py (default: NAME.metrics.jsonl beside the checkpoint)")
+    p.add_argument("--rank-images", type=generate.non_negative_int, default=100,
+                   help="images in the consistency check, drawn at random; each scores every reference story of "
+                        "them all, so the cost grows with the square; 0 = skip (default: %(default)s)")
+    p.add_argument("--clip", default=CLIP_DEFAULT,
+                   help="CLIP for CLIPScore: a save_pretrained folder or a hub name already in the Hugging Face "
+                        "cache; never downloaded, skipped when absent (default: %(default)s)")
+    generate.add_decoding_args(p)
+    p.set_defaults(seed=0)  # metrics should repeat: sampling is seeded unless told otherwise
+    p.add_argument("--batch-size", type=positive_int, default=16,
+                   help="images per generate call and stories per scoring pass (default: %(default)s)")
+    p.add_argument("--device", type=utils.parse_device, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--gpt2", help="where to load a frozen GPT-2 from, if not where training took it")
+    p.add_argument("--encoder-weights", help="ResNet-50 state_dict file, if the encoder was frozen and is not in torchvision's cache")
+    args = p.parse_args(argv)
+    generate.check_decoding_args(p, args)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = utils.pick_device(args.device)
+    ckpt = utils.load_checkpoint(args.checkpoint)
+    log_records = read_metrics_log(args.metrics_log or utils.metrics_path(args.checkpoint)) if args.curves else None
+    model, tokenizer = utils.load_model(ckpt, gpt2=args.gpt2, encoder_weights=args.encoder_weights)
+    model.to(device).eval()
+    examples = dataset.read_examples(args.stories, args.images, min_side=model.config.resize_size)
+    references = {}  # image -> its reference stories, in file order
+    for ex in examples:
+        references.setdefault(ex.image, []).append(ex.story)
+    names = list(references)
+    notes = []
+
+    # Stories for every image, decoded as generate.py does; the image features are kept for scoring.
+    room = model.decoder.config.n_positions - model.config.prefix_length
+    gen_config = generate.generation_config(args, tokenizer, min(args.max_new_tokens, room))
+    torch.manual_seed(args.seed)
+    generated, features = {}, []
+    for start in tqdm(range(0, len(names), args.batch_size), desc="generating", leave=False, disable=None):
+        chunk = [(name, load(args.images, name, model.config.resize_size)) for name in names[start:start + args.batch_size]]
+        generated.update(generate.write_stories(model, tokenizer, chunk, gen_config, args.batch_size, device))
+        features.append(encode(model, [image for _, image in chunk], device))
+    features = torch.cat(features)  # (images, feature_dim)
+
+    # The reference stories under the model: loss per token, as train.py's validation loss.
+    ids = tokenizer([ex.story for ex in examples], add_special_tokens=False)["input_ids"]
+    tokens = [torch.tensor(x[:room - 1] + [tokenizer.eos_token_id]) for x in ids]  # as dataset.StoryDataset
+    row = {name: i for i, name in enumerate(names)}
+    nll, count = story_nll(model, features[[row[ex.image] for ex in examples]], tokens, args.batch_size, device,
+                           tokenizer.pad_token_id)
+    loss = float(nll.sum() / count.sum())
+    result = {"reference_loss": loss, "perplexity": math.exp(loss)}
+
+    hypotheses = [generated[name][0] for name in names]  # the first story of each image is scored
+    refs = [references[name] for name in names]
+    result["bleu4"] = metrics.bleu4(hypotheses, refs)
+    result["rouge_l"] = 100 * sum(map(metrics.rouge_l, hypotheses, refs)) / len(names)
+    result["cider_d"] = 100 * sum(metrics.cider_d(hypotheses, refs)) / len(names)
+
+    everything = [story for name in names for story in generated[name]]
+    result["distinct_1"], result["distinct_2"] = metrics.distinct_n(everything, 1), metrics.distinct_n(everything, 2)
+    result["unique_stories"] = len(set(hypotheses)) / len(hypotheses)
+    if args.num_stories > 1:
+        for n in (1, 2):
+            result[f"distinct_{n}_within_image"] = sum(metrics.distinct_n(generated[name], n) for name in names) / len(names)
+    else:
+        notes.append("diversity within an image needs --num-stories 2 or more (with --strategy sample)")
+
+    result.update(consistency(model, features, names, examples, tokens, args, device, tokenizer.pad_token_id, notes))
+    result["clip_score"] = clip_score(args.clip, args.images, names, hypotheses, args.batch_size, device, notes)
+
+    print_table(result, notes)
+    report = {"metrics": result, "notes": notes,
+              "settings": {"checkpoint": str(args.checkpoint), "stories": str(args.stories), "images": len(names),
+                           "reference_stories": len(examples),
+                           "decoding": {k: getattr(gen_config, k) for k in sorted(DECODING_KEYS)},
+                           "strategy": args.strategy, "seed": args.seed},
+              "stories": generated}
+    with utils.atomic_write(args.out) as f:
+        json.dump(report, f, indent=1, ensure_ascii=False)
+    print(f"wrote {args.out}")
+    if args.sheet:
+        draw_sheet(args.sheet, [(n, generated[n][0]) for n in names[:args.sheet_images]], args.images)
+        print(f"wrote {args.sheet}")
+    if args.curves:
+        draw_curves(args.curves, log_records)
+        print(f"wrote {args.curves}")
+
+
+DECODING_KEYS = {"do_sample", "num_beams", "top_k", "top_p", "temperature", "repetition_penalty",
+                 "no_repeat_ngram_size", "max_new_tokens", "num_return_sequences"}
+
+
+def load(images_dir, name, min_side):
+    return dataset.load_image(Path(images_dir) / name, min_side)  # read_examples opened them all already
+
+
+@torch.no_grad()
+def encode(model, images, device) -> torch.Tensor:
+    transform = dataset.image_transform(model.config)
+    return model.encode(torch.stack([transform(image) for image in images]).to(device)).float().cpu()
+
+
+@torch.no_grad()
+def story_nll(model, features, tokens, batch_size, device, pad_id):
+    """Negative log-likelihood of each story given the image features on its row, summed over its
+    tokens (EOS included), and its token count: (stories,), (stories,). Batched by length."""
+    nll, count = torch.zeros(len(tokens)), torch.zeros(len(tokens))
+    order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))
+    P = model.config.prefix_length
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        ids = torch.full((len(idx), max(len(tokens[i]) for i in idx)), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, i in enumerate(idx):
+            ids[r, :len(tokens[i])], mask[r, :len(tokens[i])] = tokens[i], 1
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(ids, mask, features=features[idx].to(device)).logits[:, P - 1:-1]  # position P-1+t predicts token t
+        token_nll = F.cross_entropy(logits.float().transpose(1, 2), ids, reduction="none") * mask  # (B, T)
+        nll[idx], count[idx] = token_nll.sum(1).cpu(), mask.sum(1).float().cpu()
+    return nll, count
+
+
+def consistency(model, features, names, examples, tokens, args, device, pad_id, notes) -> dict:
+    """Does the model prefer each image's own reference stories to the other images' stories?
+    A random subset of --rank-images images each scores the reference stories of the whole subset."""
+    k = min(args.rank_images, len(names))
+    if k < 2:
+        notes.append("consistency check skipped: it needs 2 or more images (--rank-images)")
+        return {}
+    chosen = sorted(random.Random(0).sample(range(len(names)), k))
+    position = {names[i]: p for p, i in enumerate(chosen)}
+    stories = [j for j, ex in enumerate(examples) if ex.image in position]
+    owner = [position[examples[j].image] for j in stories]
+    candidate_tokens = [tokens[j] for j in stories]
+    nll = torch.stack([story_nll(model, features[i].expand(len(stories), -1), candidate_tokens,
+                                 args.batch_size, device, pad_id)[0]
+                       for i in tqdm(chosen, desc="consistency", leave=False, disable=None)])  # (images, stories)
+    ranks = metrics.consistency_ranks(nll, owner)
+    candidates = [1 + sum(o != i for o in owner) for i in owner]  # own story + the other images' stories
+    if k < len(names):
+        notes.append(f"consistency on {k} of {len(names)} images, drawn at random (--rank-images)")
+    return {"consistency_recall_at_1": sum(r == 1 for r in ranks) / len(ranks),
+            "consistency_mean_rank": sum(ranks) / len(ranks),
+            "consistency_candidates": sum(candidates) / len(candidates)}
+
+
+@torch.no_grad()
+def clip_score(name, images_dir, names, stories, batch_size, device, notes):
+    """CLIPScore (Hessel et al., 2021): mean of 2.5 * max(cos(image, "A photo depicts " + story), 0).
+    Only with CLIP weights already on this machine: nothing is downloaded."""
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+    try:
+        clip = CLIPModel.from_pretrained(name, local_files_only=True).to(device).eval()
+        clip_tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
+        processor = AutoImageProcessor.from_pretrained(name, local_files_only=True)
+    except OSError:
+        notes.append(f"CLIPScore skipped: no CLIP weights for {name!r} on this machine; fetch them once with "
+                     f"`hf download {CLIP_DEFAULT}` or pass --clip DIR (a CLIPModel saved by save_pretrained)")
+        return None
+    max_length = clip.config.text_config.max_position_embeddings  # CLIP reads 77 tokens: longer stories are cut
+    scores = []
+    for start in range(0, len(names), batch_size):
+        chunk = names[start:start + batch_size]
+        pixels = processor(images=[load(images_dir, n, 224) for n in chunk], return_tensors="pt")["pixel_values"]
+        text = clip_tokenizer(["A photo depicts " + s for s in stories[start:start + batch_size]], padding=True,
+                              truncation=True, max_length=max_length, return_tensors="pt")
+        out = clip(pixel_values=pixels.to(device), input_ids=text["input_ids"].to(device),
+                   attention_mask=text["attention_mask"].to(device))
+        cosine = (out.image_embeds * out.text_embeds).sum(-1)  # both are unit vectors
+        scores += (2.5 * cosine.clamp(min=0)).tolist()
+    if any(len(clip_tokenizer(s)["input_ids"]) > max_length for s in stories):
+        notes.append(f"CLIPScore read only the first {max_length} tokens of longer stories")
+    return sum(scores) / len(scores)
+
+
+TABLE = [  # key, label, format
+    ("reference_loss", "reference loss per token", "{:.4f}"),
+    ("perplexity", "reference perplexity", "{:.2f}"),
+    ("bleu4", "BLEU-4", "{:.2f}"),
+    ("rouge_l", "ROUGE-L", "{:.2f}"),
+    ("cider_d", "CIDEr-D", "{:.2f}"),
+    ("distinct_1", "distinct-1, all stories", "{:.3f}"),
+    ("distinct_2", "distinct-2, all stories", "{:.3f}"),
+    ("distinct_1_within_image", "distinct-1 within an image", "{:.3f}"),
+    ("distinct_2_within_image", "distinct-2 within an image", "{:.3f}"),
+    ("unique_stories", "unique stories / images", "{:.3f}"),
+    ("consistency_recall_at_1", "consistency recall@1", "{:.3f}"),
+    ("consistency_mean_rank", "consistency mean rank", "{:.2f}"),
+    ("consistency_candidates", "  stories ranked per image", "{:.1f}"),
+    ("clip_score", "CLIPScore", "{:.4f}"),
+]
+
+
+def print_table(result, notes):
+    width = max(len(label) for _, label, _ in TABLE)
+    print(f"{'metric':<{width}}  value")
+    for key, label, fmt in TABLE:
+        if result.get(key) is not None:
+            print(f"{label:<{width}}  {fmt.format(result[key])}")
+    for note in notes:
+        print(f"note: {note}")
+    sys.stdout.flush()
+
+
+# ----------------------------------------------------------------------------- pictures
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path):
+    with utils.atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    pyplot().close(fig)
+
+
+def draw_sheet(path, items, images_dir, columns=4, width=34, max_lines=9):
+    """items: [(image name, story)]. A grid of thumbnails, each with its story wrapped beneath."""
+    plt = pyplot()
+    texts = []
+    for _, story in items:
+        lines = textwrap.wrap(story, width) or [""]
+        texts.append("\n".join(lines[:max_lines - 1] + [lines[max_lines - 1] + " ..."] if len(lines) > max_lines else lines))
+    text_height = 0.17 * max(t.count("\n") + 1 for t in texts)  # inches for the longest story
+    columns = min(columns, len(items))
+    rows = math.ceil(len(items) / columns)
+    fig, axes = plt.subplots(2 * rows, columns, squeeze=False, figsize=(3 * columns, rows * (2.3 + text_height)),
+                             gridspec_kw={"height_ratios": [2.3, text_height] * rows})
+    for ax in axes.flat:
+        ax.axis("off")
+    for k, ((name, _), text) in enumerate(zip(items, texts)):
+        image_ax, text_ax = axes[2 * (k // columns), k % columns], axes[2 * (k // columns) + 1, k % columns]
+        image = load(images_dir, name, 256)
+        image.thumbnail((256, 256))
+        image_ax.imshow(image)
+        image_ax.set_title(name, fontsize=8)
+        text_ax.text(0, 1, text, va="top", ha="left", fontsize=8, transform=text_ax.transAxes)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def read_metrics_log(path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: metrics log not found; train.py writes it beside the checkpoint "
+                        f"(NAME.metrics.jsonl), or pass --metrics-log FILE")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):  # only the last line may be cut, by a run killed while writing it
+                raise UserError(f"{path}:{number}: not a JSON line; is this a metrics log written by train.py?") from None
+    if not any("train_loss" in r for r in records):
+        raise UserError(f"{path}: no training steps logged; nothing to draw")
+    return records
+
+
+def draw_curves(path, records):
+    """Training loss per step (raw and smoothed), validation loss per epoch, and the learning rate."""
+    plt = pyplot()
+    train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    rates = [(r["step"], r["lr"]) for r in records if "lr" in r]
+    smooth, running = [], None
+    for _, loss in train:  # the same running mean as train.py's progress bar
+        running = loss if running is None else 0.9 * running + 0.1 * loss
+        smooth.append(running)
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, sharex=True, figsize=(8, 6), gridspec_kw={"height_ratios": [3, 1]})
+    steps = [s for s, _ in train]
+    ax_loss.plot(steps, [loss for _, loss in train], alpha=0.3, color="C0", label="train loss per step")
+    ax_loss.plot(steps, smooth, color="C0", label="train loss, running mean")
+    if val:
+        ax_loss.plot(*zip(*val), "o-", color="C1", label="validation loss")
+    ax_loss.set_ylabel("loss per token")
+    ax_loss.legend()
+    ax_loss.grid(alpha=0.3)
+    if rates:
+        ax_lr.plot(*zip(*rates), color="C2")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("step")
+    ax_lr.grid(alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+if __name__ == "__main__":
+    utils.run_cli(main)
