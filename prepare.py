@@ -1,0 +1,233 @@
+"""Writes a stories file (image_name<TAB>story lines, for train.py and evaluate.py) from the public
+captioning and storytelling data sets, one split per file.
+
+    python prepare.py coco annotations/captions_val2017.json --out coco_val.txt
+    python prepare.py karpathy dataset_coco.json --split train --out coco_train.txt
+    python prepare.py flickr Flickr8k.token.txt --split-list Flickr_8k.devImages.txt --out flickr8k_val.txt
+    python prepare.py flickr results.csv --images flickr30k_images --out flickr30k.txt
+    python prepare.py vist sis/val.story-in-sequence.json --per sequence --images vist/val --out vist_val.txt
+
+Caption text files (Flickr) are read a line at a time. JSON files (COCO, Karpathy splits, VIST)
+are parsed whole, since the standard library has no streaming JSON parser: that takes a few
+times the file's size in memory. Whitespace inside a caption (tabs, line breaks) becomes one space,
+so every caption stays one line. The file appears only when the conversion succeeds.
+"""
+import argparse
+import csv
+import json
+import os
+import posixpath
+import re
+import sys
+from pathlib import Path
+
+from utils import DataError, UserError, atomic_write, run_cli
+
+MAX_PROBLEMS = 10  # a broken file is reported by its first few bad lines, not all of them
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sources = p.add_subparsers(dest="source", required=True, metavar="SOURCE")
+
+    def source(name, help, file_help):
+        s = sources.add_parser(name, help=help, description=help)
+        s.add_argument("file", help=file_help)
+        s.add_argument("--out", default="stories.txt", help="stories file to write (default: %(default)s)")
+        s.add_argument("--images", help="images folder: keep only the captions whose image is there "
+                                        "(names are checked, not opened)")
+        return s
+
+    source("coco", "COCO captions JSON (annotations/captions_train2017.json or captions_val2017.json)",
+           "captions_*.json; image names are relative to the matching train2017/ or val2017/ folder")
+    s = source("karpathy", "Karpathy's split JSON for COCO, Flickr8k or Flickr30k (dataset_coco.json ...)",
+               "dataset_coco.json, dataset_flickr8k.json or dataset_flickr30k.json; COCO names are relative to "
+               "the folder holding train2014/ and val2014/")
+    s.add_argument("--split", required=True, choices=["train", "val", "test"],
+                   help="which split to write; train includes 'restval', as Karpathy trained")
+    s = source("flickr", "Flickr8k or Flickr30k caption file",
+               "Flickr8k.token.txt or results_20130124.token (IMAGE#N<TAB>caption), results.csv "
+               "(image_name| comment_number| comment) or Kaggle's captions.txt (image,caption)")
+    s.add_argument("--split-list", help="keep only the images named in this file, one per line "
+                                        "(Flickr_8k.trainImages.txt, Flickr_8k.devImages.txt, Flickr_8k.testImages.txt)")
+    s = source("vist", "VIST story-in-sequence JSON (train/val/test.story-in-sequence.json)",
+               "a *.story-in-sequence.json file; images are <photo_flickr_id>.jpg in the matching folder")
+    s.add_argument("--per", choices=["image", "sequence"], default="sequence",
+                   help="image: each photo with its own sentence of the story; sequence: the whole five-sentence "
+                        "story with the photo it starts from (default: %(default)s)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not Path(args.file).is_file():
+        raise UserError(f"{args.file}: file not found")
+    if args.images and not Path(args.images).is_dir():
+        raise UserError(f"{args.images}: images folder not found")
+    pairs = {"coco": coco, "karpathy": karpathy, "flickr": flickr, "vist": vist}[args.source](args)
+    find = ImageFinder(args.images) if args.images else None
+    stories, images, empty, missing = 0, set(), 0, set()
+    with atomic_write(args.out) as out:
+        out.write(f"# image_name<TAB>story, from {Path(args.file).name} by prepare.py {args.source}\n")
+        for image, text in pairs:
+            text = " ".join(text.split())  # tabs and line breaks would break the one-line format
+            if not text:
+                empty += 1
+                continue
+            if find is not None:
+                found = find(image)
+                if found is None:
+                    missing.add(image)
+                    continue
+                image = found
+            out.write(f"{image}\t{text}\n")
+            stories += 1
+            images.add(image)
+        if not stories:
+            raise UserError(f"{args.file}: no stories to write" + (f" ({len(missing)} images not in {args.images})" if missing else ""))
+    print(f"wrote {args.out}: {stories} stories of {len(images)} images")
+    if empty:
+        print(f"skipped {empty} empty captions")
+    if missing:
+        print(f"skipped the captions of {len(missing)} images not in {args.images}, e.g. {sorted(missing)[0]}")
+
+
+class ImageFinder:
+    """Which name an image has in the images folder: the given one, or the same name with another
+    extension (VIST photos are named by id, and some are .png or .gif rather than .jpg)."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.by_stem = None  # {(subfolder, stem): name}, built on the first miss
+
+    def __call__(self, name):
+        if (self.folder / name).is_file():
+            return name
+        if self.by_stem is None:
+            self.by_stem = {}
+            for root, _, files in os.walk(self.folder):
+                sub = Path(root).relative_to(self.folder).as_posix()
+                for f in sorted(files):
+                    self.by_stem.setdefault((sub, os.path.splitext(f)[0]), posixpath.join(sub, f) if sub != "." else f)
+        sub, base = posixpath.split(name)
+        return self.by_stem.get((sub or ".", os.path.splitext(base)[0]))
+
+
+def read_json(path, what):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); "
+                        f"expected {what}; download it again") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text; expected {what}") from None
+
+
+def coco(args):
+    what = "a COCO captions file such as captions_train2017.json"
+    data = read_json(args.file, what)
+    try:
+        files = {image["id"]: image["file_name"] for image in data["images"]}
+        captions = sorted((files[a["image_id"]], a["id"], a["caption"]) for a in data["annotations"])
+    except (KeyError, TypeError):
+        raise UserError(f"{args.file}: not {what} (needs 'images' with id and file_name, and 'annotations' "
+                        f"with image_id and caption; instances_*.json and person_keypoints_*.json hold no captions)") from None
+    for name, _, caption in captions:
+        yield name, caption
+
+
+def karpathy(args):
+    what = "Karpathy's split file such as dataset_coco.json"
+    data = read_json(args.file, what)
+    wanted = {"train": {"train", "restval"}, "val": {"val"}, "test": {"test"}}[args.split]
+    try:
+        chosen = [(posixpath.join(image.get("filepath", ""), image["filename"]), [s["raw"] for s in image["sentences"]])
+                  for image in data["images"] if image["split"] in wanted]
+    except (KeyError, TypeError):
+        raise UserError(f"{args.file}: not {what} (needs 'images' with filename, split and sentences)") from None
+    for name, sentences in chosen:
+        for sentence in sentences:
+            yield name, sentence
+
+
+def flickr(args):
+    keep = None
+    if args.split_list:
+        if not Path(args.split_list).is_file():
+            raise UserError(f"{args.split_list}: split list not found")
+        keep = {line.strip() for line in Path(args.split_list).read_text(encoding="utf-8").splitlines() if line.strip()}
+    problems = []
+    with open(args.file, encoding="utf-8-sig", newline="") as f:
+        header = f.readline()
+        if header.replace(" ", "").startswith("image_name|comment_number|comment"):
+            rows = pipe_rows(f, start=2)  # Flickr30k results.csv
+        elif header.strip().lower() == "image,caption":
+            rows = ((n, row[0], ",".join(row[1:])) for n, row in enumerate(csv.reader(f), start=2) if row)  # Kaggle
+        else:
+            f.seek(0)
+            rows = token_rows(f)  # Flickr8k.token.txt, results_20130124.token
+        for number, image, caption in rows:
+            if image is None:
+                problems.append(f"{args.file}:{number}: {caption}")
+                if len(problems) == MAX_PROBLEMS:
+                    problems.append(f"{args.file}: stopped after {MAX_PROBLEMS} bad lines; is it a Flickr caption file?")
+                    break
+            elif keep is None or image in keep:
+                # Flickr captions come tokenized ("a dog runs ."); glue punctuation back for natural stories.
+                yield image, re.sub(r"\s+([.,!?;:])(?=\s|$)", r"\1", caption)
+    if problems:
+        raise DataError(problems)
+
+
+def token_rows(lines):
+    """IMAGE#N<TAB>caption lines -> (line number, image, caption); image None for a bad line."""
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        name, tab, caption = line.rstrip("\r\n").partition("\t")
+        image, hash_sign, index = name.rpartition("#")
+        if not tab or not hash_sign or not index.isdigit():
+            yield number, None, "expected IMAGE#N<TAB>caption, as in Flickr8k.token.txt"
+        else:
+            yield number, image, caption
+
+
+def pipe_rows(lines, start):
+    """results.csv rows 'image_name| comment_number| comment' -> (line number, image, caption)."""
+    for number, line in enumerate(lines, start=start):
+        if not line.strip():
+            continue
+        fields = [x.strip() for x in line.rstrip("\r\n").split("|", 2)]
+        if len(fields) == 2 and (m := re.fullmatch(r"(\d+)\s+(.*)", fields[1])):
+            fields = [fields[0], m[1], m[2]]  # one upstream row lacks its second '|': "2199200615.jpg| 4   A dog ..."
+        if len(fields) != 3 or not fields[1].isdigit():
+            yield number, None, "expected image_name| comment_number| comment, as in Flickr30k's results.csv"
+        else:
+            yield number, fields[0], fields[2]
+
+
+def vist(args):
+    what = "a VIST story-in-sequence file such as train.story-in-sequence.json"
+    data = read_json(args.file, what)
+    stories = {}  # story_id -> its five storylets, in file order
+    try:
+        for annotation in data["annotations"]:
+            for storylet in annotation:  # each annotation is a list holding one storylet
+                stories.setdefault(storylet["story_id"], []).append(storylet)
+        for parts in stories.values():
+            parts.sort(key=lambda s: int(s["worker_arranged_photo_order"]))
+            texts = [s.get("original_text") or s["text"] for s in parts]  # the text as written, not anonymised
+            if args.per == "image":
+                for storylet, text in zip(parts, texts):
+                    yield f"{storylet['photo_flickr_id']}.jpg", text
+            else:  # the story's first photo, in the order the worker arranged them, stands for the sequence
+                yield f"{parts[0]['photo_flickr_id']}.jpg", " ".join(texts)
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{args.file}: not {what} (needs 'annotations' of storylets with story_id, "
+                        f"photo_flickr_id, worker_arranged_photo_order and text; description-in-isolation "
+                        f"files are not stories)") from None
+
+
+if __name__ == "__main__":
+    run_cli(main)
