@@ -100,6 +100,8 @@ def main(argv=None):
     result["bleu4"] = metrics.bleu4(hypotheses, refs)
     result["rouge_l"] = 100 * sum(map(metrics.rouge_l, hypotheses, refs)) / len(names)
     result["cider_d"] = 100 * sum(metrics.cider_d(hypotheses, refs)) / len(names)
+    if len(names) == 1:
+        notes.append("CIDEr-D is 0 for a single image: its n-gram weights come from how many images use them")
 
     everything = [story for name in names for story in generated[name]]
     result["distinct_1"], result["distinct_2"] = metrics.distinct_n(everything, 1), metrics.distinct_n(everything, 2)
@@ -170,7 +172,7 @@ def consistency(model, features, names, examples, tokens, args, device, pad_id, 
     A random subset of --rank-images images each scores the reference stories of the whole subset."""
     k = min(args.rank_images, len(names))
     if k < 2:
-        notes.append("consistency check skipped: it needs 2 or more images (--rank-images)")
+        notes.append("consistency check skipped: " + ("--rank-images 0" if args.rank_images == 0 else "it needs 2 or more images"))
         return {}
     chosen = sorted(random.Random(0).sample(range(len(names)), k))
     position = {names[i]: p for p, i in enumerate(chosen)}
