@@ -76,7 +76,7 @@ def main(argv=None):
     notes = []
 
     # Stories for every image, decoded as generate.py does; the image features are kept for scoring.
-    room = model.decoder.config.n_positions - model.config.prefix_length
+    room = generate.story_room(model)
     gen_config = generate.generation_config(args, tokenizer, min(args.max_new_tokens, room))
     torch.manual_seed(args.seed)
     generated, features = {}, []
