@@ -143,15 +143,15 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def image_transform(config):
-    """The encoder's preprocessing: PIL RGB image -> normalised (3, S, S) float tensor."""
+    """The encoder's preprocessing: PIL RGB image -> normalised (3, S, S) float tensor.
+    Its settings live in StoryConfig (for CLIP: those of CLIPImageProcessor), so no files are needed."""
     if config.encoder == "resnet50" and (config.image_size, config.resize_size) == (224, 232):
         return ResNet50_Weights.IMAGENET1K_V2.transforms()  # torchvision's own preprocessing
-    mean, std = ResNet50_Weights.IMAGENET1K_V2.transforms().mean, ResNet50_Weights.IMAGENET1K_V2.transforms().std
     return transforms.Compose([
-        transforms.Resize(config.resize_size, antialias=True),
+        transforms.Resize(config.resize_size, transforms.InterpolationMode(config.interpolation), antialias=True),
         transforms.CenterCrop(config.image_size),
         transforms.ToTensor(),
-        transforms.Normalize(mean, std),
+        transforms.Normalize(config.image_mean, config.image_std),
     ])
 
 
@@ -215,10 +215,12 @@ def split_by_image(examples: list[Example], fraction: float, seed: int):
 
 
 class StoryDataset(Dataset):
-    """(image tensor, story token ids ending with EOS) pairs."""
+    """(image tensor, story token ids ending with EOS) pairs, and each story's style id when
+    style_id (StoryConfig.style_id of a model trained with styles) is given."""
 
-    def __init__(self, examples, images_dir, tokenizer, transform, max_tokens: int, min_side=None):
+    def __init__(self, examples, images_dir, tokenizer, transform, max_tokens: int, min_side=None, style_id=None):
         self.examples = examples
+        self.style_ids = [style_id(ex.style) for ex in examples] if style_id else None
         self.images_dir = Path(images_dir)
         self.transform = transform
         self.min_side = min_side
@@ -233,7 +235,10 @@ class StoryDataset(Dataset):
 
     def __getitem__(self, i):
         image = load_image(self.images_dir / self.examples[i].image, self.min_side)
-        return {"image": self.transform(image), "input_ids": self.tokens[i]}
+        item = {"image": self.transform(image), "input_ids": self.tokens[i]}
+        if self.style_ids is not None:
+            item["style_id"] = self.style_ids[i]
+        return item
 
 
 def collate(batch, pad_id: int):
@@ -244,5 +249,8 @@ def collate(batch, pad_id: int):
     for row, item in enumerate(batch):
         input_ids[row, : lengths[row]] = item["input_ids"]
         attention_mask[row, : lengths[row]] = 1
-    return {"images": torch.stack([item["image"] for item in batch]),
-            "input_ids": input_ids, "attention_mask": attention_mask}
+    out = {"images": torch.stack([item["image"] for item in batch]),
+           "input_ids": input_ids, "attention_mask": attention_mask}
+    if "style_id" in batch[0]:
+        out["style_ids"] = torch.tensor([item["style_id"] for item in batch])
+    return out

@@ -2,6 +2,7 @@
 
     python generate.py data/images/day_grass_house.jpg
     python generate.py photos/*.jpg --strategy beam --num-beams 4 --json
+    python generate.py photo.jpg --style noir    # a model trained with styles
 """
 import argparse
 import json
@@ -14,6 +15,7 @@ from transformers import GenerationConfig
 import dataset
 import utils
 from train import checked_number, non_negative_int, positive_float, positive_int
+from utils import UserError
 
 # The prefix is embeddings, not tokens, so n-gram blocking can only look at the story itself: as intended.
 warnings.filterwarnings("ignore", message="Passing `no_repeat_ngram_size` with `inputs_embeds`")
@@ -55,10 +57,12 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", default="vlm_model.pt", help="checkpoint written by train.py (default: %(default)s)")
     add_decoding_args(p)
     p.add_argument("--batch-size", type=positive_int, default=8, help="images encoded and decoded together (default: %(default)s)")
+    p.add_argument("--style", help="style of the stories, for a model trained with a style column (default: no style)")
     p.add_argument("--json", action="store_true", help='print one JSON object per story: {"image": ..., "story": ...}')
     p.add_argument("--device", type=utils.parse_device, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--gpt2", help="where to load a frozen GPT-2 from, if not where training took it")
     p.add_argument("--encoder-weights", help="ResNet-50 state_dict file, if the encoder was frozen and is not in torchvision's cache")
+    p.add_argument("--clip", help="where to load a frozen CLIP encoder from, if not where training took it")
     p.add_argument("--max-image-pixels", type=non_negative_int,
                    help="refuse larger images, a guard against decompression bombs; 0 = no limit (default: Pillow's, about 89 million)")
     args = p.parse_args(argv)
@@ -81,16 +85,26 @@ def generation_config(args, tokenizer, max_new_tokens) -> GenerationConfig:
 
 def story_room(model) -> int:
     """Story tokens that fit in GPT-2's context after the prefix: the most --max-new-tokens can give."""
-    return model.decoder.config.n_positions - model.config.prefix_length
+    return model.decoder.config.n_positions - model.config.prefix_tokens
 
 
-def write_stories(model, tokenizer, images, gen_config, batch_size, device):
+def style_id(config, style: str | None) -> int:
+    """The id of the asked-for style; a UserError naming the known ones if the model has no such style."""
+    try:
+        return config.style_id(style)
+    except ValueError as err:
+        raise UserError(f"--style {style}: {err}") from None
+
+
+def write_stories(model, tokenizer, images, gen_config, batch_size, device, style=None):
     """Yields (image path, [stories]) for PIL images, batch_size images per generate call."""
     transform = dataset.image_transform(model.config)
+    sid = style_id(model.config, style)
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         pixels = torch.stack([transform(img) for _, img in chunk]).to(device)
-        ids = model.generate(images=pixels, generation_config=gen_config)
+        style_ids = torch.full((len(chunk),), sid, device=device) if model.config.styles else None
+        ids = model.generate(images=pixels, style_ids=style_ids, generation_config=gen_config)
         texts = [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
         n = gen_config.num_return_sequences
         for i, (path, _) in enumerate(chunk):
@@ -102,8 +116,10 @@ def main(argv=None):
     device = utils.pick_device(args.device)
     dataset.set_max_image_pixels(args.max_image_pixels)
     ckpt = utils.load_checkpoint(args.checkpoint)
-    model, tokenizer = utils.load_model(ckpt, gpt2=args.gpt2, encoder_weights=args.encoder_weights, where=args.checkpoint)
+    model, tokenizer = utils.load_model(ckpt, gpt2=args.gpt2, encoder_weights=args.encoder_weights, clip=args.clip,
+                                        where=args.checkpoint)
     model.to(device).eval()
+    style_id(model.config, args.style)  # refuse an unknown style before reading any image
     gen_config = generation_config(args, tokenizer, min(args.max_new_tokens, story_room(model)))
     if args.seed is not None:
         torch.manual_seed(args.seed)
@@ -116,7 +132,7 @@ def main(argv=None):
             print(f"error: {dataset.describe_image_error(path, err)}", file=sys.stderr)
             failed += 1
 
-    for path, stories in write_stories(model, tokenizer, images, gen_config, args.batch_size, device):
+    for path, stories in write_stories(model, tokenizer, images, gen_config, args.batch_size, device, args.style):
         for k, story in enumerate(stories, start=1):
             if args.json:
                 print(json.dumps({"image": path, "story": story}, ensure_ascii=False))

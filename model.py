@@ -1,35 +1,64 @@
-"""Image-to-story model: image encoder -> linear mapper -> GPT-2 prefix (the ClipCap idea).
+"""Image-to-story model: image encoder -> mapper -> GPT-2 prefix (the ClipCap idea).
 
 Pure torch.nn: no file paths, no downloads, no printing. Pretrained weights are loaded
 into these modules by utils.py; the checkpoint stores StoryConfig, so a saved model is
 rebuilt from its checkpoint alone.
 """
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
 import torchvision
 from torchvision.models.resnet import BasicBlock, ResNet
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, GPT2Config, GPT2LMHeadModel
 
-# Pooled feature size of each encoder this file can build.
+# Pooled feature size of each ResNet this file can build; a CLIP's is in its config.
 FEATURE_DIMS = {"resnet50": 2048, "resnet-tiny": 512}
+ENCODERS = [*FEATURE_DIMS, "clip-vit-b32"]
+MAPPERS = ["linear", "mlp", "transformer"]
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @dataclass
 class StoryConfig:
-    encoder: str = "resnet50"  # a key of FEATURE_DIMS
+    encoder: str = "resnet50"  # one of ENCODERS
+    encoder_config: dict = field(default_factory=dict)  # CLIPVisionConfig.to_dict() of a CLIP encoder
     image_size: int = 224  # side of the centre crop the encoder sees
     resize_size: int = 232  # shorter side before the crop (ResNet50_Weights.IMAGENET1K_V2)
+    interpolation: str = "bilinear"  # of that resize: torchvision's InterpolationMode value (CLIP: bicubic)
+    image_mean: tuple = IMAGENET_MEAN  # per-channel normalisation the encoder was trained with
+    image_std: tuple = IMAGENET_STD
     prefix_length: int = 10  # number of prefix embeddings the mapper makes
     feature_norm: bool = False  # LayerNorm the pooled features before the mapper
+    mapper: str = "linear"  # one of MAPPERS
+    mapper_layers: int = 8  # transformer mapper depth (ClipCap's default)
     decoder: dict = field(default_factory=dict)  # GPT2Config.to_dict() of the decoder
+    lora: dict | None = None  # peft LoraConfig arguments when GPT-2 is fine-tuned through LoRA adapters
+    styles: list = field(default_factory=list)  # story styles the model was trained with, sorted
     train_encoder: bool = False
-    train_decoder: bool = True
+    train_decoder: bool = True  # the whole GPT-2 (False with LoRA: only the adapters train)
 
     @property
     def feature_dim(self) -> int:
+        if self.encoder == "clip-vit-b32":
+            return self.encoder_config["projection_dim"]
         return FEATURE_DIMS[self.encoder]
+
+    @property
+    def prefix_tokens(self) -> int:
+        """Positions in front of the story: the image prefix, then one style position if styles exist."""
+        return self.prefix_length + bool(self.styles)
+
+    def style_id(self, style: str | None) -> int:
+        """0 for no style (the unconditioned case), else 1 + the style's place in self.styles."""
+        if style is None:
+            return 0
+        if not self.styles:
+            raise ValueError("this model was trained without styles (its stories file had no style column)")
+        if style not in self.styles:
+            raise ValueError(f"unknown style {style!r}; this model knows: {', '.join(self.styles)}")
+        return self.styles.index(style) + 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -39,39 +68,98 @@ class StoryConfig:
         return cls(**d)
 
 
-def build_encoder(name: str) -> nn.Module:
-    """A torchvision ResNet whose classifier is removed: images (B, 3, H, W) -> (B, feature_dim)."""
+class CLIPImageEncoder(nn.Module):
+    """CLIP's vision tower and projection: images (B, 3, H, W) -> (B, projection_dim) image embeddings,
+    the vector CLIP compares with text (ClipCap's mapper input)."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.clip = CLIPVisionModelWithProjection(CLIPVisionConfig.from_dict(config))
+
+    def forward(self, images):
+        return self.clip(pixel_values=images).image_embeds
+
+
+def build_encoder(name: str, encoder_config: dict) -> nn.Module:
+    """An image encoder without classifier: images (B, 3, H, W) -> (B, feature_dim)."""
+    if name == "clip-vit-b32":
+        return CLIPImageEncoder(encoder_config)
     if name == "resnet50":
         net = torchvision.models.resnet50(weights=None)
     elif name == "resnet-tiny":
         # The same ResNet code at toy size (one block per stage) for the offline preset.
         net = ResNet(BasicBlock, [1, 1, 1, 1])
     else:
-        raise ValueError(f"unknown encoder {name!r}; choose one of {sorted(FEATURE_DIMS)}")
+        raise ValueError(f"unknown encoder {name!r}; choose one of {ENCODERS}")
     net.fc = nn.Identity()  # keep the global-average-pooled features
     return net
 
 
+class TransformerMapper(nn.Module):
+    """ClipCap's transformer mapper: the features become prefix_length tokens, learned constant
+    queries are appended, a small transformer mixes them, and the query positions are the prefix."""
+
+    def __init__(self, feature_dim: int, prefix_length: int, n_embd: int, n_head: int, num_layers: int):
+        super().__init__()
+        self.prefix_length = prefix_length
+        self.linear = nn.Linear(feature_dim, prefix_length * n_embd)
+        self.prefix_const = nn.Parameter(torch.randn(prefix_length, n_embd))
+        # ClipCap's layer: pre-norm, ReLU MLP of twice the width, no dropout.
+        layer = nn.TransformerEncoderLayer(n_embd, n_head, dim_feedforward=2 * n_embd, dropout=0.0,
+                                           batch_first=True, norm_first=True)
+        self.transformer = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+
+    def forward(self, features):
+        x = self.linear(features).view(features.shape[0], self.prefix_length, -1)  # (B, P, E)
+        queries = self.prefix_const.expand(features.shape[0], -1, -1)  # (B, P, E)
+        return self.transformer(torch.cat([x, queries], dim=1))[:, self.prefix_length:]  # (B, P, E)
+
+
+def build_mapper(config: "StoryConfig", n_embd: int, n_head: int) -> nn.Module:
+    """features (B, feature_dim) -> (B, prefix_length, n_embd); the three mappers of ClipCap."""
+    out = config.prefix_length * n_embd
+    if config.mapper == "linear":
+        return nn.Linear(config.feature_dim, out)
+    if config.mapper == "mlp":
+        return nn.Sequential(nn.Linear(config.feature_dim, out // 2), nn.Tanh(), nn.Linear(out // 2, out))
+    if config.mapper == "transformer":
+        return TransformerMapper(config.feature_dim, config.prefix_length, n_embd, n_head, config.mapper_layers)
+    raise ValueError(f"unknown mapper {config.mapper!r}; choose one of {MAPPERS}")
+
+
 class StoryModel(nn.Module):
-    def __init__(self, config: StoryConfig):
+    def __init__(self, config: StoryConfig, decoder_weights: dict | None = None):
+        """decoder_weights: a pretrained GPT-2 state_dict, loaded before LoRA adapters wrap GPT-2
+        (peft renames the layers it wraps, so base weights go in first)."""
         super().__init__()
         self.config = config
-        self.encoder = build_encoder(config.encoder)
-        self.decoder = GPT2LMHeadModel(GPT2Config.from_dict(config.decoder))
-        self.decoder.loss_type = "ForCausalLM"  # say it, or transformers warns that it guessed
-        n_embd = self.decoder.config.n_embd
+        self.encoder = build_encoder(config.encoder, config.encoder_config)
+        decoder = GPT2LMHeadModel(GPT2Config.from_dict(config.decoder))
+        decoder.loss_type = "ForCausalLM"  # say it, or transformers warns that it guessed
+        if decoder_weights is not None:
+            decoder.load_state_dict(decoder_weights)
+        decoder.requires_grad_(config.train_decoder)
+        if config.lora:
+            from peft import LoraConfig, get_peft_model  # here: importing peft takes seconds, and only LoRA needs it
+            with warnings.catch_warnings():  # peft calls a transformers name deprecated in v5; nothing to act on
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+                decoder = get_peft_model(decoder, LoraConfig(**config.lora))  # only the adapters train
+        self.decoder = decoder
+        n_embd, n_head = decoder.config.n_embd, decoder.config.n_head
         # Random or unusual encoders give features of any scale; a LayerNorm evens them out.
         self.feature_norm = nn.LayerNorm(config.feature_dim) if config.feature_norm else nn.Identity()
-        self.mapper = nn.Linear(config.feature_dim, config.prefix_length * n_embd)
+        self.mapper = build_mapper(config, n_embd, n_head)
+        # Style control: one learned embedding per style, appended to the prefix; row 0 is "no style".
+        # It trains with the mapper, so it works with a frozen or LoRA-tuned GPT-2 and any tokenizer.
+        self.style = nn.Embedding(len(config.styles) + 1, n_embd) if config.styles else None
         self.encoder.requires_grad_(config.train_encoder)
-        self.decoder.requires_grad_(config.train_decoder)
 
     def train(self, mode: bool = True):
         super().train(mode)
         if not self.config.train_encoder:
             self.encoder.eval()  # a frozen encoder keeps its BatchNorm statistics
-        if not self.config.train_decoder:
-            self.decoder.eval()  # and a frozen decoder applies no dropout
+        if not self.config.train_decoder and not self.config.lora:
+            self.decoder.eval()  # and a frozen decoder applies no dropout (LoRA's adapters do)
         return self
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -79,21 +167,29 @@ class StoryModel(nn.Module):
         with torch.set_grad_enabled(self.config.train_encoder and torch.is_grad_enabled()):
             return self.encoder(images)
 
-    def prefix(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, feature_dim) -> (B, prefix_length, n_embd) embeddings that start the story."""
-        prefix = self.mapper(self.feature_norm(features.to(self.mapper.weight.dtype)))
-        return prefix.view(features.shape[0], self.config.prefix_length, -1)
+    def prefix(self, features: torch.Tensor, style_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, feature_dim) -> (B, prefix_tokens, n_embd) embeddings that start the story.
+        style_ids (B,): StoryConfig.style_id of each story's style; None means no style."""
+        B = features.shape[0]
+        prefix = self.mapper(self.feature_norm(features.to(next(self.mapper.parameters()).dtype)))
+        prefix = prefix.view(B, self.config.prefix_length, -1)  # (B, prefix_length, E)
+        if self.style is not None:
+            if style_ids is None:
+                style_ids = torch.zeros(B, dtype=torch.long, device=prefix.device)
+            prefix = torch.cat([prefix, self.style(style_ids)[:, None].to(prefix.dtype)], dim=1)  # (B, P+1, E)
+        return prefix
 
-    def forward(self, input_ids, attention_mask, images=None, features=None):
-        """Cross-entropy of the story tokens given the image.
+    def forward(self, input_ids, attention_mask, images=None, features=None, style_ids=None):
+        """Cross-entropy of the story tokens given the image (and style).
 
         input_ids, attention_mask: (B, T) right-padded stories, each ending with EOS.
         Give either images (B, 3, H, W) or precomputed features (B, feature_dim).
+        style_ids: (B,) style of each story (0 = none) for a model trained with styles.
         Returns the transformers output: .loss (mean over story tokens) and .logits.
         """
         if features is None:
             features = self.encode(images)
-        prefix = self.prefix(features)  # (B, P, E)
+        prefix = self.prefix(features, style_ids)  # (B, P, E)
         tokens = self.decoder.get_input_embeddings()(input_ids)  # (B, T, E)
         embeds = torch.cat([prefix, tokens], dim=1)  # (B, P+T, E)
         B, P = prefix.shape[:2]
@@ -106,7 +202,7 @@ class StoryModel(nn.Module):
         return self.decoder(inputs_embeds=embeds, attention_mask=mask, labels=labels)
 
     @torch.no_grad()
-    def generate(self, images=None, features=None, **generate_kwargs) -> torch.Tensor:
+    def generate(self, images=None, features=None, style_ids=None, **generate_kwargs) -> torch.Tensor:
         """Story token ids (B * num_return_sequences, T_new) through transformers' generate.
 
         generate keeps a KV cache, so each new token costs one step, and provides greedy,
@@ -114,6 +210,6 @@ class StoryModel(nn.Module):
         """
         if features is None:
             features = self.encode(images)
-        prefix = self.prefix(features)  # (B, P, E)
+        prefix = self.prefix(features, style_ids)  # (B, P, E)
         mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
         return self.decoder.generate(inputs_embeds=prefix, attention_mask=mask, **generate_kwargs)

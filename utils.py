@@ -9,6 +9,7 @@ import time
 import warnings
 import zipfile
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -231,41 +232,70 @@ def _host_reachable(url: str) -> bool:
 OFFLINE_HINT = "pass a local copy ({flag}) or train offline with --preset tiny"
 
 
-def check_gpt2_path(name_or_dir: str) -> None:
-    """A --gpt2 value that is clearly a path must be a folder: never ask the hub for '/data/gpt2'."""
+def check_model_path(name_or_dir: str, what: str = "GPT-2", flag: str = "--gpt2") -> None:
+    """A value that is clearly a path must be a folder: never ask the hub for '/data/gpt2'."""
     path = Path(name_or_dir).expanduser()
     if path.is_file():
-        raise UserError(f"{name_or_dir}: is a file; --gpt2 takes a hub name or a folder written by save_pretrained")
+        raise UserError(f"{name_or_dir}: is a file; {flag} takes a hub name or a folder written by save_pretrained")
     if not path.exists() and (path.is_absolute() or name_or_dir.startswith((".", "~"))):
-        raise UserError(f"{name_or_dir}: GPT-2 folder not found; --gpt2 takes a hub name or a folder "
+        raise UserError(f"{name_or_dir}: {what} folder not found; {flag} takes a hub name or a folder "
                         f"written by save_pretrained")
+
+
+def _from_pretrained(from_pretrained, name_or_dir: str, what: str, flag: str, ways_out: str):
+    """A transformers from_pretrained from a local save_pretrained folder, the Hugging Face cache, or
+    the hub; one-line UserErrors naming ways_out when none of those has it."""
+    from huggingface_hub import constants
+    check_model_path(name_or_dir, what, flag)
+    local = Path(name_or_dir).is_dir()
+    try:
+        return from_pretrained(name_or_dir, local_files_only=True)
+    except OSError:
+        if local:
+            raise UserError(f"{name_or_dir}: no {what} model saved there (expected config.json and weights "
+                            f"from save_pretrained)") from None
+    except (RuntimeError, ValueError) as err:  # weights of another shape or architecture
+        raise UserError(f"{name_or_dir}: not a {what} model ({str(err).strip().splitlines()[0][:200]})") from None
+    if constants.HF_HUB_OFFLINE or not _host_reachable(constants.ENDPOINT):
+        raise UserError(f"cannot load {what} {name_or_dir!r}: not in the Hugging Face cache and the hub is not "
+                        f"reachable; {ways_out}") from None
+    try:
+        return from_pretrained(name_or_dir)
+    except OSError as err:
+        raise UserError(f"cannot load {what} {name_or_dir!r} ({str(err).splitlines()[0]}); {ways_out}") from None
 
 
 def load_gpt2(name_or_dir: str):
     """GPT-2 weights from a local save_pretrained folder, the Hugging Face cache, or the hub."""
-    from huggingface_hub import constants
     from transformers import GPT2LMHeadModel
-    check_gpt2_path(name_or_dir)
-    local = Path(name_or_dir).is_dir()
+    return _from_pretrained(GPT2LMHeadModel.from_pretrained, name_or_dir, "GPT-2", "--gpt2",
+                            OFFLINE_HINT.format(flag="--gpt2 DIR"))
+
+
+def load_clip(name_or_dir: str):
+    """A CLIP vision tower with its projection (CLIPVisionModelWithProjection), from a hub name such as
+    openai/clip-vit-base-patch32 or a save_pretrained folder of a CLIPModel or of the vision tower alone."""
+    from transformers import CLIPVisionModelWithProjection
+    from transformers.utils import logging as hf_logging
+    # A full CLIPModel also holds the text tower, which transformers lists key by key as "unexpected":
+    # silence that report and check instead that nothing the vision tower needs was missing.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
-        return GPT2LMHeadModel.from_pretrained(name_or_dir, local_files_only=True)
-    except OSError:
-        if local:
-            raise UserError(f"{name_or_dir}: no GPT-2 model saved there (expected config.json and weights "
-                            f"from save_pretrained)") from None
-    if constants.HF_HUB_OFFLINE or not _host_reachable(constants.ENDPOINT):
-        raise UserError(f"cannot load GPT-2 {name_or_dir!r}: not in the Hugging Face cache and the hub is not "
-                        f"reachable; " + OFFLINE_HINT.format(flag="--gpt2 DIR")) from None
-    try:
-        return GPT2LMHeadModel.from_pretrained(name_or_dir)
-    except OSError as err:
-        raise UserError(f"cannot load GPT-2 {name_or_dir!r} ({str(err).splitlines()[0]}); "
-                        + OFFLINE_HINT.format(flag="--gpt2 DIR")) from None
+        loaded = _from_pretrained(partial(CLIPVisionModelWithProjection.from_pretrained, output_loading_info=True),
+                                  name_or_dir, "CLIP", "--clip", "pass a local copy (--clip DIR) or use --encoder resnet50")
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    model, info = loaded
+    if info["missing_keys"]:
+        raise UserError(f"{name_or_dir}: not a CLIP vision model with a projection (no weights for "
+                        f"{', '.join(sorted(info['missing_keys'])[:3])}, ...)")
+    return model
 
 
 def load_gpt2_tokenizer(name_or_dir: str):
     from transformers import AutoTokenizer
-    check_gpt2_path(name_or_dir)
+    check_model_path(name_or_dir)
     try:
         return AutoTokenizer.from_pretrained(name_or_dir, local_files_only=True)
     except OSError:
@@ -335,30 +365,41 @@ def tokenizer_to_json(tokenizer) -> str:
 
 # ----------------------------------------------------------------------------- models
 
-def load_model(ckpt: dict, gpt2=None, encoder_weights=None, where="checkpoint"):
+def load_model(ckpt: dict, gpt2=None, encoder_weights=None, clip=None, where="checkpoint"):
     """Rebuilds (model, tokenizer) from a checkpoint loaded by load_checkpoint (where: its path,
-    for messages). Weights the checkpoint does not hold (a frozen pretrained encoder or GPT-2)
-    come from where training took them, or from the gpt2 / encoder_weights overrides."""
+    for messages). Weights the checkpoint does not hold (a frozen pretrained encoder or GPT-2, the
+    base under LoRA adapters) come from where training took them, or from the gpt2 / encoder_weights
+    / clip overrides."""
     from model import StoryConfig, StoryModel
     incompatible = "it was written by an incompatible version of this code; re-train it"
     try:
         config = StoryConfig.from_dict(ckpt["config"])
-        model = StoryModel(config)
     except (TypeError, KeyError, ValueError) as err:
         raise UserError(f"{where}: has a config this code cannot build ({err}); {incompatible}") from None
     sources = ckpt.get("sources", {})
-    if sources.get("encoder") is not None:
-        path = encoder_weights or (None if sources["encoder"] == "imagenet" else sources["encoder"])
-        load_resnet50_weights(model.encoder, path)
+    base = None
     if sources.get("decoder") is not None:
         name = gpt2 or sources["decoder"]
+        base = load_gpt2(name).state_dict()  # StoryModel loads it before LoRA adapters wrap GPT-2
+    try:
+        model = StoryModel(config, decoder_weights=base)
+    except (TypeError, KeyError, ValueError) as err:
+        raise UserError(f"{where}: has a config this code cannot build ({err}); {incompatible}") from None
+    except RuntimeError:
+        if base is None:
+            raise
+        raise UserError(f"{name}: this GPT-2 does not have the size {where} was trained with") from None
+    if sources.get("encoder") is not None and config.encoder == "clip-vit-b32":
+        name = clip or sources["encoder"]
         try:
-            model.decoder.load_state_dict(load_gpt2(name).state_dict())
+            model.encoder.clip.load_state_dict(load_clip(name).state_dict())
         except RuntimeError:
-            raise UserError(f"{name}: this GPT-2 does not have the size {where} was trained with") from None
-    stored = {name for name in ("encoder", "decoder", "mapper", "feature_norm") if sources.get(name) is None}
-    expected = {k for k in model.state_dict() if k.split(".")[0] in stored}
+            raise UserError(f"{name}: this CLIP does not have the size {where} was trained with") from None
+    elif sources.get("encoder") is not None:
+        path = encoder_weights or (None if sources["encoder"] == "imagenet" else sources["encoder"])
+        load_resnet50_weights(model.encoder, path)
     state = ckpt["model"]
+    expected = set(stored_state(model, sources))
     if set(state) != expected:
         raise UserError(f"{where}: its weights do not match its config ({len(expected - set(state))} missing, "
                         f"{len(set(state) - expected)} unexpected tensors); {incompatible}")
@@ -375,6 +416,7 @@ def load_model(ckpt: dict, gpt2=None, encoder_weights=None, where="checkpoint"):
 
 
 def stored_state(model, sources: dict) -> dict:
-    """The part of the state_dict a checkpoint must carry: every module without a source to reload from."""
-    keep = {name for name in ("encoder", "decoder", "mapper", "feature_norm") if sources.get(name) is None}
-    return {k: v for k, v in model.state_dict().items() if k.split(".")[0] in keep}
+    """The part of the state_dict a checkpoint must carry: every module without a source to reload
+    from (mapper, feature_norm, style, trained or random encoder and GPT-2), and LoRA adapters."""
+    return {k: v for k, v in model.state_dict().items()
+            if sources.get(k.split(".")[0]) is None or ".lora_" in k}

@@ -2,6 +2,7 @@
 tell the model which words to write. Used by the tests and by the README's measurement.
 
     python tests/shapes.py OUT_DIR --n 1000     # OUT_DIR/images/*.png + OUT_DIR/stories.txt
+    python tests/shapes.py OUT_DIR --styles     # each image also told in the styles of STYLES
 """
 import argparse
 import random
@@ -34,8 +35,14 @@ def story(colour, shape, background):
     return f"A {colour} {shape} on a {background} background."
 
 
-def make_shapes(out_dir, n, seed=0, size=64):
-    """Writes n images and a stories file; returns [(file name, colour, shape, background)]."""
+# Styles whose wording differs from the first word on; the picture still decides colour, shape, background.
+STYLES = {"grand": "Behold, the magnificent {colour} {shape} upon a {background} field!",
+          "noir": "The rain fell on a {colour} {shape}. The {background} night asked no questions."}
+
+
+def make_shapes(out_dir, n, seed=0, size=64, styles=False):
+    """Writes n images and a stories file; returns [(file name, colour, shape, background)].
+    styles: each image gets, besides its plain story (no style), one story in each of STYLES."""
     rng = random.Random(seed)
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
@@ -46,6 +53,9 @@ def make_shapes(out_dir, n, seed=0, size=64):
         draw(colour, shape, background, rng, size).save(out_dir / "images" / name)
         rows.append((name, colour, shape, background))
     lines = [f"{name}\t{story(c, s, b)}" for name, c, s, b in rows]
+    if styles:
+        lines += [f"{name}\t{text.format(colour=c, shape=s, background=b)}\t{style}"
+                  for name, c, s, b in rows for style, text in STYLES.items()]
     (out_dir / "stories.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return rows
 
@@ -68,6 +78,7 @@ if __name__ == "__main__":
     p.add_argument("out_dir", help="folder to write images/ and stories.txt into")
     p.add_argument("--n", type=int, default=1000, help="number of images (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed; use another for a held-out set (default: %(default)s)")
+    p.add_argument("--styles", action="store_true", help=f"also write each image's story in the styles {', '.join(STYLES)}")
     args = p.parse_args()
-    make_shapes(args.out_dir, args.n, args.seed)
+    make_shapes(args.out_dir, args.n, args.seed, styles=args.styles)
     print(f"wrote {args.n} images to {args.out_dir}")

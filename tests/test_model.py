@@ -1,4 +1,5 @@
 """The model itself: what the loss scores, that generate keeps its word, that checkpoints round-trip."""
+import pytest
 import torch
 import torch.nn.functional as F
 from transformers import GPT2Config
@@ -75,10 +76,17 @@ def test_frozen_parts_get_no_gradient_and_stay_in_eval_mode():
     assert all(p.grad is None for p in model.decoder.parameters())
 
 
-def test_checkpoint_round_trip_gives_the_same_logits(tmp_path):
+LORA = dict(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True, task_type="CAUSAL_LM")
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(mapper="mlp", styles=["a", "b"]),
+                                     dict(mapper="transformer", mapper_layers=2, lora=LORA, train_decoder=False)])
+def test_checkpoint_round_trip_gives_the_same_logits(tmp_path, variant):
     torch.manual_seed(0)
-    config = tiny_config(feature_norm=True)
+    config = tiny_config(feature_norm=True, **variant)
     model = StoryModel(config).eval()
+    if config.lora:  # LoRA's B starts at zero; make the adapters count
+        torch.nn.init.normal_(model.decoder.base_model.model.transformer.h[0].attn.c_attn.lora_B.default.weight)
     tokenizer = utils.train_tokenizer(["a red house on a hill", "a boat at sea"], vocab_size=60)
     sources = {"encoder": None, "decoder": None}
     ckpt = {"format": utils.CHECKPOINT_FORMAT, "config": config.to_dict(), "sources": sources,
@@ -92,5 +100,40 @@ def test_checkpoint_round_trip_gives_the_same_logits(tmp_path):
     loaded.eval()
     images = torch.randn(2, 3, 32, 32)
     ids, mask = torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.ones(2, 3, dtype=torch.long)
-    torch.testing.assert_close(loaded(ids, mask, images=images).logits, model(ids, mask, images=images).logits)
+    styles = torch.tensor([1, 2]) if config.styles else None
+    expected = model(ids, mask, images=images, style_ids=styles).logits
+    torch.testing.assert_close(loaded(ids, mask, images=images, style_ids=styles).logits, expected)
     assert loaded_tok("a red house")["input_ids"] == tokenizer("a red house")["input_ids"]
+
+
+def test_a_style_changes_the_story_logits_and_takes_one_prefix_position():
+    torch.manual_seed(0)
+    model = StoryModel(tiny_config(styles=["grand", "noir"])).eval()
+    ids, mask, features = torch.tensor([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.long), torch.randn(1, 512)
+    logits = [model(ids, mask, features=features, style_ids=torch.tensor([s])).logits for s in range(3)]
+    assert logits[0].shape[1] == model.config.prefix_length + 1 + 3
+    assert not torch.allclose(logits[0], logits[1]) and not torch.allclose(logits[1], logits[2])
+    torch.testing.assert_close(model(ids, mask, features=features).logits, logits[0])  # no style = style 0
+
+
+def test_lora_trains_only_the_adapters():
+    """train.py's optimizer over the trainable parameters, with weight decay: GPT-2's own weights stay
+    bit for bit, the adapters move and change the output."""
+    torch.manual_seed(0)
+    model = StoryModel(tiny_config(lora=LORA, train_decoder=False)).train()
+    base = {k: v.clone() for k, v in model.decoder.state_dict().items() if "lora_" not in k}
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    ids, mask, features = torch.tensor([[1, 2, EOS_ID]]), torch.ones(1, 3, dtype=torch.long), torch.randn(1, 512)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(ids, mask, features=features).loss.backward()
+        optimizer.step()
+    after = model.decoder.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in base.items())
+    model.eval()
+    with torch.no_grad():
+        adapted = model(ids, mask, features=features).logits
+        with model.decoder.disable_adapter():
+            plain = model(ids, mask, features=features).logits
+    assert not torch.allclose(adapted, plain)

@@ -1,0 +1,57 @@
+"""Story styles: a third column in stories.txt trains a style control that generate.py --style obeys."""
+import json
+
+import pytest
+import torch
+
+import generate
+import train
+import utils
+from shapes import STYLES, make_shapes
+
+FIRST_WORDS = {None: "A", "grand": "Behold,", "noir": "The"}  # how each style's stories begin
+
+
+@pytest.fixture(scope="module")
+def styled(tmp_path_factory):
+    """A tiny model trained on shapes told plainly (no style) and in two styles; and unseen images."""
+    root = tmp_path_factory.mktemp("styled")
+    make_shapes(root / "train", 40, seed=0, styles=True)
+    make_shapes(root / "test", 6, seed=1)
+    out = root / "m.pt"
+    train.main(["--preset", "tiny", "--images", str(root / "train" / "images"), "--stories", str(root / "train" / "stories.txt"),
+                "--epochs", "3", "--no-train-encoder", "--val-split", "0", "--out", str(out), "--device", "cpu"])
+    return out, sorted((root / "test" / "images").glob("*.png"))
+
+
+def run_generate(argv, capsys):
+    """generate.py's main as the command line runs it: (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as code:
+        utils.run_cli(lambda: generate.main(argv))
+    out, err = capsys.readouterr()
+    return code.value.code, out, err
+
+
+def test_generation_follows_the_asked_style_on_unseen_images(styled, capsys):
+    checkpoint, images = styled
+    assert torch.load(checkpoint, weights_only=True)["config"]["styles"] == sorted(STYLES)
+    for style, first in FIRST_WORDS.items():
+        argv = [*map(str, images), "--checkpoint", str(checkpoint), "--strategy", "greedy", "--json", "--device", "cpu"]
+        code, out, err = run_generate(argv + (["--style", style] if style else []), capsys)
+        assert code == 0, err
+        stories = [json.loads(line)["story"] for line in out.splitlines()]
+        assert len(stories) == len(images)
+        assert all(s.split()[0] == first for s in stories), (style, stories)
+
+
+def test_an_unknown_style_is_refused_with_the_known_ones(styled, capsys):
+    checkpoint, images = styled
+    code, out, err = run_generate([str(images[0]), "--checkpoint", str(checkpoint), "--style", "funny"], capsys)
+    assert code == 2 and not out
+    assert err == "error: --style funny: unknown style 'funny'; this model knows: grand, noir\n"
+
+
+def test_a_model_trained_without_styles_says_it_has_none(tiny_checkpoint, capsys):
+    code, out, err = run_generate(["x.jpg", "--checkpoint", str(tiny_checkpoint), "--style", "noir"], capsys)
+    assert code == 2 and not out
+    assert len(err.splitlines()) == 1 and "trained without styles" in err
