@@ -116,7 +116,8 @@ class TransformerMapper(nn.Module):
 
 
 def build_mapper(config: "StoryConfig", n_embd: int, n_head: int) -> nn.Module:
-    """features (B, feature_dim) -> (B, prefix_length, n_embd); the three mappers of ClipCap."""
+    """features (B, feature_dim) -> prefix_length * n_embd numbers per image (prefix() shapes them):
+    a linear layer, or one of ClipCap's two mappers, an MLP or a transformer."""
     out = config.prefix_length * n_embd
     if config.mapper == "linear":
         return nn.Linear(config.feature_dim, out)

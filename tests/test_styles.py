@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+import dataset
 import generate
 import train
 import utils
@@ -42,6 +43,17 @@ def test_generation_follows_the_asked_style_on_unseen_images(styled, capsys):
         stories = [json.loads(line)["story"] for line in out.splitlines()]
         assert len(stories) == len(images)
         assert all(s.split()[0] == first for s in stories), (style, stories)
+
+
+def test_the_web_app_offers_the_styles_and_follows_them(styled):
+    import app  # here: gradio takes seconds to import
+    checkpoint, images = styled
+    teller = app.Storyteller(checkpoint, device="cpu")
+    assert teller.styles == sorted(STYLES)
+    image = dataset.load_image(images[0])
+    for style, first in FIRST_WORDS.items():
+        [story] = teller.stories(image, style, strategy="greedy")
+        assert story.split()[0] == first, (style, story)
 
 
 def test_an_unknown_style_is_refused_with_the_known_ones(styled, capsys):
