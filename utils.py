@@ -9,7 +9,6 @@ import time
 import warnings
 import zipfile
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -242,55 +241,66 @@ def check_model_path(name_or_dir: str, what: str = "GPT-2", flag: str = "--gpt2"
                         f"written by save_pretrained")
 
 
-def _from_pretrained(from_pretrained, name_or_dir: str, what: str, flag: str, ways_out: str):
-    """A transformers from_pretrained from a local save_pretrained folder, the Hugging Face cache, or
-    the hub; one-line UserErrors naming ways_out when none of those has it."""
+def _from_pretrained(cls, name_or_dir: str, what: str, flag: str, ways_out: str):
+    """cls.from_pretrained from a local save_pretrained folder, the Hugging Face cache, or the hub.
+    One-line UserErrors naming ways_out when none of those has it, and when the files lack weights
+    the model needs (transformers would fill them with random values and only warn)."""
     from huggingface_hub import constants
+    from transformers.utils import logging as hf_logging
     check_model_path(name_or_dir, what, flag)
+
+    def load(local_files_only):
+        # transformers prints unexpected and missing weights as a long table; the missing ones are
+        # checked below, and unexpected ones are fine (a CLIPModel's text tower when loading its vision tower).
+        # Progress bars only for a download: a local load is quick, and an error stays one line.
+        verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+        hf_logging.set_verbosity_error()
+        if local_files_only:
+            hf_logging.disable_progress_bar()
+        try:
+            return cls.from_pretrained(name_or_dir, output_loading_info=True, local_files_only=local_files_only)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            if bars:
+                hf_logging.enable_progress_bar()
+
     local = Path(name_or_dir).is_dir()
     try:
-        return from_pretrained(name_or_dir, local_files_only=True)
+        model, info = load(local_files_only=True)
     except OSError:
         if local:
             raise UserError(f"{name_or_dir}: no {what} model saved there (expected config.json and weights "
                             f"from save_pretrained)") from None
-    except (RuntimeError, ValueError) as err:  # weights of another shape or architecture
-        raise UserError(f"{name_or_dir}: not a {what} model ({str(err).strip().splitlines()[0][:200]})") from None
-    if constants.HF_HUB_OFFLINE or not _host_reachable(constants.ENDPOINT):
-        raise UserError(f"cannot load {what} {name_or_dir!r}: not in the Hugging Face cache and the hub is not "
-                        f"reachable; {ways_out}") from None
-    try:
-        return from_pretrained(name_or_dir)
-    except OSError as err:
-        raise UserError(f"cannot load {what} {name_or_dir!r} ({str(err).splitlines()[0]}); {ways_out}") from None
+        if constants.HF_HUB_OFFLINE or not _host_reachable(constants.ENDPOINT):
+            raise UserError(f"cannot load {what} {name_or_dir!r}: not in the Hugging Face cache and the hub is not "
+                            f"reachable; {ways_out}") from None
+        try:
+            model, info = load(local_files_only=False)
+        except OSError as err:
+            raise UserError(f"cannot load {what} {name_or_dir!r} ({str(err).splitlines()[0]}); {ways_out}") from None
+    except Exception as err:  # files of another model: transformers fails in many ways, each means the same
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise UserError(f"{name_or_dir}: not a {what} model (loading it failed: {reason}); {flag} takes a hub name or a folder "
+                        f"written by save_pretrained") from None
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise UserError(f"{name_or_dir}: not a {what} model (it has no weights for {missing[0]} and "
+                        f"{len(missing) - 1} more); {flag} takes a hub name or a folder written by save_pretrained")
+    return model
 
 
 def load_gpt2(name_or_dir: str):
     """GPT-2 weights from a local save_pretrained folder, the Hugging Face cache, or the hub."""
     from transformers import GPT2LMHeadModel
-    return _from_pretrained(GPT2LMHeadModel.from_pretrained, name_or_dir, "GPT-2", "--gpt2",
-                            OFFLINE_HINT.format(flag="--gpt2 DIR"))
+    return _from_pretrained(GPT2LMHeadModel, name_or_dir, "GPT-2", "--gpt2", OFFLINE_HINT.format(flag="--gpt2 DIR"))
 
 
 def load_clip(name_or_dir: str):
     """A CLIP vision tower with its projection (CLIPVisionModelWithProjection), from a hub name such as
     openai/clip-vit-base-patch32 or a save_pretrained folder of a CLIPModel or of the vision tower alone."""
     from transformers import CLIPVisionModelWithProjection
-    from transformers.utils import logging as hf_logging
-    # A full CLIPModel also holds the text tower, which transformers lists key by key as "unexpected":
-    # silence that report and check instead that nothing the vision tower needs was missing.
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        loaded = _from_pretrained(partial(CLIPVisionModelWithProjection.from_pretrained, output_loading_info=True),
-                                  name_or_dir, "CLIP", "--clip", "pass a local copy (--clip DIR) or use --encoder resnet50")
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    model, info = loaded
-    if info["missing_keys"]:
-        raise UserError(f"{name_or_dir}: not a CLIP vision model with a projection (no weights for "
-                        f"{', '.join(sorted(info['missing_keys'])[:3])}, ...)")
-    return model
+    return _from_pretrained(CLIPVisionModelWithProjection, name_or_dir, "CLIP", "--clip",
+                            "pass a local copy (--clip DIR) or use --encoder resnet50")
 
 
 def load_gpt2_tokenizer(name_or_dir: str):

@@ -101,3 +101,11 @@ def test_a_clip_that_cannot_be_had_offline_stops_with_the_ways_out():
     with pytest.raises(UserError, match=r"--clip DIR.*--encoder resnet50"):
         train.main(["--preset", "tiny", "--encoder", "clip-vit-b32", "--clip", "nobody/no-such-clip",
                     "--images", str(DATA / "images"), "--stories", str(DATA / "stories.txt")])
+
+
+def test_a_folder_of_another_model_is_refused_not_filled_with_random_weights(pretrained):
+    root, _ = pretrained
+    with pytest.raises(UserError, match=r"gpt2: not a CLIP model \(it has no weights for .*--clip takes"):
+        utils.load_clip(str(root / "gpt2"))
+    with pytest.raises(UserError, match=r"clip: not a GPT-2 model .*--gpt2 takes"):
+        utils.load_gpt2(str(root / "clip"))
