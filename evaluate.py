@@ -74,6 +74,8 @@ def main(argv=None):
         references.setdefault(ex.image, []).append(ex.story)
     names = list(references)
     notes = []
+    if model.config.styles:  # generate.py's default: no --style
+        notes.append(f"the model knows the styles {', '.join(model.config.styles)}; stories were written and scored without one")
 
     # Stories for every image, decoded as generate.py does; the image features are kept for scoring.
     room = generate.story_room(model)
@@ -153,7 +155,7 @@ def story_nll(model, features, tokens, batch_size, device, pad_id):
     tokens (EOS included), and its token count: (stories,), (stories,). Batched by length."""
     nll, count = torch.zeros(len(tokens)), torch.zeros(len(tokens))
     order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))
-    P = model.config.prefix_length
+    P = model.config.prefix_tokens  # the image prefix, and the style position of a model trained with styles
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         ids = torch.full((len(idx), max(len(tokens[i]) for i in idx)), pad_id, dtype=torch.long)

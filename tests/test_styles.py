@@ -18,7 +18,7 @@ def styled(tmp_path_factory):
     """A tiny model trained on shapes told plainly (no style) and in two styles; and unseen images."""
     root = tmp_path_factory.mktemp("styled")
     make_shapes(root / "train", 40, seed=0, styles=True)
-    make_shapes(root / "test", 6, seed=1)
+    make_shapes(root / "test", 6, seed=1)  # plain stories only
     out = root / "m.pt"
     train.main(["--preset", "tiny", "--images", str(root / "train" / "images"), "--stories", str(root / "train" / "stories.txt"),
                 "--epochs", "3", "--no-train-encoder", "--val-split", "0", "--out", str(out), "--device", "cpu"])
@@ -67,3 +67,24 @@ def test_a_model_trained_without_styles_says_it_has_none(tiny_checkpoint, capsys
     code, out, err = run_generate(["x.jpg", "--checkpoint", str(tiny_checkpoint), "--style", "noir"], capsys)
     assert code == 2 and not out
     assert len(err.splitlines()) == 1 and "trained without styles" in err
+
+
+def test_evaluate_scores_a_model_with_styles(styled, tmp_path):
+    """The style position shifts the story by one: evaluate.py's reference loss is the model's own
+    loss on those stories (without a style), as train.py computes it."""
+    import evaluate
+    checkpoint, images = styled
+    images_dir, stories = images[0].parent, images[0].parent.parent / "stories.txt"
+    report = tmp_path / "eval.json"
+    evaluate.main(["--checkpoint", str(checkpoint), "--images", str(images_dir), "--stories", str(stories),
+                   "--strategy", "greedy", "--out", str(report), "--device", "cpu"])
+    result = json.loads(report.read_text())
+    assert any("styles grand, noir" in note for note in result["notes"])
+
+    model, tokenizer = utils.load_model(utils.load_checkpoint(checkpoint))
+    data = dataset.StoryDataset(dataset.read_examples(stories, images_dir), images_dir, tokenizer,
+                                dataset.image_transform(model.config), generate.story_room(model),
+                                style_id=model.config.style_id)
+    with torch.no_grad():
+        loss = model.eval()(**dataset.collate([data[i] for i in range(len(data))], tokenizer.pad_token_id)).loss
+    assert result["metrics"]["reference_loss"] == pytest.approx(loss.item(), abs=1e-4)
