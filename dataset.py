@@ -4,8 +4,11 @@ stories.txt holds one `image_name<TAB>story` per line (UTF-8; a BOM and CRLF are
 blank lines and `#` comments are skipped; an image may have several lines). An optional
 third column names the story's style.
 """
+import hashlib
+import os
 import random
 import re
+import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -13,12 +16,13 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 import torch
+import torchvision
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.models import ResNet50_Weights
 
-from utils import DataError, UserError
+from utils import DataError, UserError, os_error
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 # What load_image raises for a file that is not a usable image (UnidentifiedImageError is an OSError).
@@ -90,6 +94,35 @@ def parse_stories(path) -> tuple[list[Example], list[tuple[int, str]]]:
         else:
             examples.append(Example(image, story, number, style))
     return examples, problems
+
+
+def read_image_names(path) -> list[str]:
+    """Image names from a list file: the first tab-separated field of each line (so a stories file
+    works too), blank lines and # comments skipped, each name once, in order."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: image list not found" if not path.exists() else f"{path}: not a file")
+    names, problems = {}, []
+    for number, line_bytes in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line = line_bytes.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError:
+            problems.append(f"{path}:{number}: not UTF-8 text; save the file as UTF-8")
+            continue
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        name = line.split("\t")[0].strip()
+        if not name:
+            problems.append(f"{path}:{number}: empty image name")
+        elif (why := _unsafe_name(name)):
+            problems.append(f"{path}:{number}: image name {name!r} {why}; give a path inside the images folder")
+        else:
+            names.setdefault(name, None)
+    if problems:
+        raise DataError(problems)
+    if not names:
+        raise UserError(f"{path}: no image names found; put one image name at the start of each line")
+    return list(names)
 
 
 def _unsafe_name(name: str) -> str | None:
@@ -215,11 +248,15 @@ def split_by_image(examples: list[Example], fraction: float, seed: int):
 
 
 class StoryDataset(Dataset):
-    """(image tensor, story token ids ending with EOS) pairs, and each story's style id when
-    style_id (StoryConfig.style_id of a model trained with styles) is given."""
+    """(image, story token ids ending with EOS) pairs, and each story's style id when style_id
+    (StoryConfig.style_id of a model trained with styles) is given. The image is a preprocessed
+    tensor, or its pooled encoder features when a features dict {image name: (feature_dim,) tensor}
+    is given."""
 
-    def __init__(self, examples, images_dir, tokenizer, transform, max_tokens: int, min_side=None, style_id=None):
+    def __init__(self, examples, images_dir, tokenizer, transform, max_tokens: int, min_side=None, style_id=None,
+                 features=None):
         self.examples = examples
+        self.features = features
         self.style_ids = [style_id(ex.style) for ex in examples] if style_id else None
         self.images_dir = Path(images_dir)
         self.transform = transform
@@ -234,23 +271,100 @@ class StoryDataset(Dataset):
         return len(self.examples)
 
     def __getitem__(self, i):
-        image = load_image(self.images_dir / self.examples[i].image, self.min_side)
-        item = {"image": self.transform(image), "input_ids": self.tokens[i]}
+        name = self.examples[i].image
+        if self.features is not None:
+            item = {"features": self.features[name], "input_ids": self.tokens[i]}
+        else:
+            item = {"image": self.transform(load_image(self.images_dir / name, self.min_side)), "input_ids": self.tokens[i]}
         if self.style_ids is not None:
             item["style_id"] = self.style_ids[i]
         return item
 
 
+class ImageDataset(Dataset):
+    """Preprocessed images by name, for encoding them once into the feature cache."""
+
+    def __init__(self, names, images_dir, transform, min_side=None):
+        self.names, self.images_dir, self.transform, self.min_side = names, Path(images_dir), transform, min_side
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, i):
+        return self.transform(load_image(self.images_dir / self.names[i], self.min_side))
+
+
 def collate(batch, pad_id: int):
-    """Stacks images and right-pads stories; the mask, not the pad id, marks padding."""
+    """Stacks images (or features) and right-pads stories; the mask, not the pad id, marks padding."""
     lengths = [len(item["input_ids"]) for item in batch]
     input_ids = torch.full((len(batch), max(lengths)), pad_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
     for row, item in enumerate(batch):
         input_ids[row, : lengths[row]] = item["input_ids"]
         attention_mask[row, : lengths[row]] = 1
-    out = {"images": torch.stack([item["image"] for item in batch]),
-           "input_ids": input_ids, "attention_mask": attention_mask}
+    if "features" in batch[0]:
+        out = {"features": torch.stack([item["features"] for item in batch])}
+    else:
+        out = {"images": torch.stack([item["image"] for item in batch])}
+    out.update(input_ids=input_ids, attention_mask=attention_mask)
     if "style_id" in batch[0]:
         out["style_ids"] = torch.tensor([item["style_id"] for item in batch])
     return out
+
+
+# ----------------------------------------------------------------------------- feature cache
+
+CACHE_VERSION = 1  # bump when load_image or the preprocessing code changes what an image's tensor is
+
+
+def encoder_fingerprint(model, transform, min_side, dtype) -> str:
+    """What an image's pooled features depend on besides its bytes: the encoder's name and weights,
+    the preprocessing (sizes, transform, JPEG draft size), the compute dtype and the library versions."""
+    h = hashlib.sha256(repr((CACHE_VERSION, model.config.encoder, model.config.image_size, model.config.resize_size,
+                             min_side, repr(transform), str(dtype), torch.__version__,
+                             torchvision.__version__)).encode())
+    for name, tensor in model.encoder.state_dict().items():
+        h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+class FeatureCache:
+    """Pooled encoder features on disk, one small file per image: DIR/<encoder fingerprint>/<image hash>.pt.
+
+    The fingerprint covers the encoder and the preprocessing, the file name the image's bytes, so a
+    changed image or encoder misses the cache and is encoded again; nothing stale is ever served.
+    Files are written atomically; a damaged one reads as missing and is encoded again.
+    """
+
+    def __init__(self, root, fingerprint: str, feature_dim: int):
+        self.dir = Path(root) / fingerprint
+        self.feature_dim = feature_dim
+
+    @staticmethod
+    def key(image_path) -> str:
+        return hashlib.sha256(Path(image_path).read_bytes()).hexdigest()[:32]
+
+    def load(self, key: str) -> torch.Tensor | None:
+        try:
+            features = torch.load(self.dir / f"{key}.pt", map_location="cpu", weights_only=True)
+        except Exception:  # missing, or damaged by a crash or a full disk: encode it again
+            return None
+        ok = isinstance(features, torch.Tensor) and features.shape == (self.feature_dim,)
+        return features if ok else None
+
+    def save(self, key: str, features: torch.Tensor) -> None:
+        tmp = None
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=self.dir)
+            with os.fdopen(fd, "wb") as f:
+                torch.save(features.detach().float().cpu().clone(), f)
+            os.replace(tmp, self.dir / f"{key}.pt")
+        except (OSError, RuntimeError) as err:
+            if tmp:
+                Path(tmp).unlink(missing_ok=True)
+            if (cause := os_error(err)) is None:
+                raise
+            raise UserError(f"{self.dir}: cannot write the feature cache ({cause.strerror or cause}); "
+                            f"pass --feature-cache DIR somewhere writable, or --no-feature-cache") from None

@@ -1,19 +1,33 @@
 """Trains the image-to-story model on data/images + data/stories.txt and writes vlm_model.pt.
 
-    python train.py                      # ResNet-50 + GPT-2 small, pretrained weights
-    python train.py --preset tiny        # toy sizes, random weights, fully offline (about a minute on CPU)
+    python train.py                              # ResNet-50 + GPT-2 small, pretrained weights
+    python train.py --preset tiny                # toy sizes, random weights, fully offline (about a minute on CPU)
     python train.py --encoder clip-vit-b32 --mapper transformer --lora    # CLIP, ClipCap's mapper, LoRA
+    torchrun --nproc_per_node=4 train.py ...     # data-parallel: 4 GPUs (nccl), or 4 CPU processes (gloo)
+    python train.py ... --resume vlm_model.pt    # continue a run stopped with Ctrl-C (it saves on the way out)
 """
 import argparse
+import glob
+import hashlib
+import itertools
 import math
+import os
 import random
+import shlex
+import signal
 import sys
+import tempfile
+import threading
 import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 from transformers import GPT2Config, get_cosine_schedule_with_warmup
 
@@ -31,6 +45,12 @@ PRESETS = {
     "tiny": dict(epochs=40, batch_size=16, lr=1e-3, image_size=64, resize_size=64, train_encoder=True, feature_norm=True,
                  n_layer=2, n_head=4, n_embd=128, n_positions=128, vocab_size=2000),
 }
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Settings that shape the result: a resumed run must use the same ones as the run that saved it.
+RESUME_MUST_MATCH = ("preset", "epochs", "batch_size", "grad_accum", "lr", "weight_decay", "warmup", "grad_clip",
+                     "prefix_length", "feature_norm", "encoder", "clip", "mapper", "mapper_layers", "freeze_gpt2",
+                     "lora", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "train_encoder", "gpt2",
+                     "encoder_weights", "val_split", "seed")
 
 
 def checked_number(kind, value, ok, allowed):
@@ -82,7 +102,10 @@ def parse_args(argv=None):
     p.add_argument("--preset", choices=sorted(PRESETS), default="gpt2",
                    help="gpt2: ResNet-50 + GPT-2 small, pretrained; tiny: toy sizes, random weights, offline")
     p.add_argument("--epochs", type=positive_int, help="passes over the data (gpt2: 10, tiny: 40)")
-    p.add_argument("--batch-size", type=positive_int, help="stories per step (default: 16)")
+    p.add_argument("--batch-size", type=positive_int, help="stories per step and process (default: 16)")
+    p.add_argument("--grad-accum", type=positive_int, default=1,
+                   help="batches whose gradients make one optimizer step: --batch-size 8 --grad-accum 2 trains "
+                        "like --batch-size 16 in less memory (default: %(default)s)")
     p.add_argument("--lr", type=positive_float, help="peak learning rate of AdamW (gpt2: 2e-5, or 2e-4 with --lora; tiny: 1e-3)")
     p.add_argument("--weight-decay", type=non_negative_float, default=0.01, help="AdamW weight decay (default: %(default)s)")
     p.add_argument("--warmup", type=fraction, default=0.05,
@@ -119,6 +142,21 @@ def parse_args(argv=None):
     p.add_argument("--device", type=utils.parse_device, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--max-image-pixels", type=non_negative_int,
                    help="refuse larger images, a guard against decompression bombs; 0 = no limit (default: Pillow's, about 89 million)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                   help="compute precision: bfloat16/float16 run matmuls and convolutions under autocast, weights stay "
+                        "float32, float16 adds a gradient scaler; bfloat16 pays off on GPUs and on CPUs with "
+                        "AMX or AVX512-BF16 (default: %(default)s)")
+    p.add_argument("--num-workers", type=non_negative_int, default=0,
+                   help="processes decoding images for the data loader; 0 decodes in the training process (default: %(default)s)")
+    p.add_argument("--feature-cache", metavar="DIR",
+                   help="where a frozen encoder's image features are kept between epochs and runs "
+                        "(default: .cache/features next to --out)")
+    p.add_argument("--no-feature-cache", action="store_true", help="decode and encode every image at every step instead")
+    p.add_argument("--save-every", type=non_negative_int, default=1000,
+                   help="also write --out every N optimizer steps, atomically; 0 = only at the end (default: %(default)s)")
+    p.add_argument("--resume", metavar="FILE",
+                   help="continue the run that saved FILE: weights, optimizer, schedule, step, data position and "
+                        "random state (give the same settings)")
     args = p.parse_args(argv)
     if args.lora and args.freeze_gpt2:
         p.error("--lora trains adapters inside GPT-2, --freeze-gpt2 trains none of it: choose one")
@@ -134,6 +172,78 @@ def parse_args(argv=None):
             setattr(args, key, value)
     return args
 
+
+# ----------------------------------------------------------------------------- processes and devices
+
+@dataclass
+class Run:
+    """Where this process trains: its device and, under torchrun, its rank among world_size processes."""
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        """The process that logs and saves."""
+        return self.rank == 0
+
+    def log(self, *args, **kwargs):
+        if self.main:
+            print(*args, **kwargs, flush=True)
+
+
+@contextmanager
+def start_run(args):
+    """One process, or one of torchrun's (it sets RANK, WORLD_SIZE, LOCAL_RANK): nccl between GPUs,
+    gloo between CPU processes. Out-of-memory anywhere inside becomes advice instead of a traceback."""
+    device = utils.pick_device(args.device)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        if device.type == "cuda":
+            if local_rank >= torch.cuda.device_count():
+                raise UserError(f"torchrun started more processes per machine than its {torch.cuda.device_count()} "
+                                f"GPU(s); use --nproc_per_node={torch.cuda.device_count()}")
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        elif device.type != "cpu":
+            raise UserError(f"torchrun trains on CUDA (nccl) or on CPU (gloo), not on {device.type}; pass --device cpu")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    run = Run(device, dist.get_rank() if world_size > 1 else 0, world_size)
+    try:
+        yield run
+    except torch.OutOfMemoryError:
+        raise out_of_memory_advice(args, run) from None
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
+
+
+def out_of_memory_advice(args, run) -> UserError:
+    if args.batch_size > 1:
+        smaller = args.batch_size // 2
+        hint = (f"try --batch-size {smaller} --grad-accum {args.grad_accum * 2} (the same batch in smaller pieces)"
+                + (", or --dtype bfloat16" if args.dtype == "float32" else ""))
+    else:
+        hint = "try --dtype bfloat16, --freeze-gpt2 or a smaller --gpt2"
+    return UserError(f"out of memory on {run.device} with --batch-size {args.batch_size}; {hint}")
+
+
+def autocast(args, device):
+    """Mixed precision: matmuls and convolutions in --dtype; the weights and the loss stay float32."""
+    dtype = DTYPES[args.dtype]
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def to_device(batch: dict, device) -> dict:
+    """Moves a batch; images go channels-last, the layout the CNN's convolutions run fastest in."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    if "images" in batch:
+        batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)
+    return batch
+
+
+# ----------------------------------------------------------------------------- model and data
 
 def build_model(args, tokenizer, styles=()):
     """A new model for the chosen preset, encoder, mapper and LoRA, and where its frozen pretrained
@@ -190,123 +300,398 @@ def lora_config(args) -> dict | None:
 
 
 @torch.no_grad()
-def evaluate(model, loader, device):
-    """Mean loss per story token over a loader."""
-    model.eval()
-    total, count = 0.0, 0
-    for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        n = int(batch["attention_mask"].sum())
-        total += model(**batch).loss.item() * n
-        count += n
-    model.train()
-    return total / max(count, 1)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = utils.pick_device(args.device)
-    dataset.set_max_image_pixels(args.max_image_pixels)
-
-    # Data: every problem is reported before any model is built or trained.
-    examples = dataset.read_examples(args.stories, args.images, min_side=args.resize_size)
-    if args.preset == "tiny":
-        tokenizer = utils.train_tokenizer([ex.story for ex in examples], args.vocab_size)
-    else:
-        tokenizer = utils.load_gpt2_tokenizer(args.gpt2)
-
-    styles = sorted({ex.style for ex in examples if ex.style})  # a third column asks for style control
-    model, sources = build_model(args, tokenizer, styles)
-    model.to(device).train()
+def cached_features(model, examples, args, run) -> dict | None:
+    """{image name: pooled features} for every image, read from the feature cache or encoded once and
+    written there. None where the cache does not apply: turned off, or the encoder is being trained."""
+    if args.no_feature_cache:
+        return None
+    if model.config.train_encoder:
+        run.log("feature cache: not used, the encoder is being trained (--no-train-encoder freezes it)")
+        return None
     config = model.config
     transform = dataset.image_transform(config)
+    cache = dataset.FeatureCache(args.feature_cache or Path(args.out).parent / ".cache" / "features",
+                                 dataset.encoder_fingerprint(model, transform, config.resize_size, args.dtype),
+                                 config.feature_dim)
+    names = sorted({ex.image for ex in examples})
+    keys = {name: cache.key(Path(args.images) / name) for name in names}
+    features = {name: cache.load(keys[name]) for name in names}
+    missing = [name for name in names if features[name] is None]
+    mine = missing[run.rank::run.world_size]  # under torchrun each process encodes its share
+    loader = DataLoader(dataset.ImageDataset(mine, args.images, transform, config.resize_size),
+                        batch_size=args.batch_size, num_workers=args.num_workers, worker_init_fn=ignore_ctrl_c,
+                        generator=torch.Generator())  # draws nothing from the global random state
+    done = 0
+    for images in tqdm(loader, desc="encoding images", leave=False, disable=None if run.main else True):
+        with autocast(args, run.device):
+            batch = model.encode(images.to(run.device).contiguous(memory_format=torch.channels_last))  # (B, feature_dim)
+        for name, row in zip(mine[done:done + len(batch)], batch.float().cpu()):
+            cache.save(keys[name], row)
+            features[name] = row
+        done += len(batch)
+    if run.world_size > 1:
+        dist.barrier()  # the other processes' shares are on disk now
+        features.update({name: cache.load(keys[name]) for name in missing})
+    run.log(f"feature cache: {len(names) - len(missing)} of {len(names)} images read from {cache.dir}, "
+            f"{len(missing)} encoded")
+    return features
+
+
+class EpochSampler(DistributedSampler):
+    """Shuffles each epoch with seed + epoch (the same order in every process, each taking its share),
+    and can start part-way into an epoch: a resumed run skips what it already trained on."""
+    skip = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self):
+        return super().__len__() - self.skip
+
+
+def ignore_ctrl_c(worker_id):
+    """Data-loader workers leave Ctrl-C to the training process, which saves before it stops."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def make_loaders(args, run, model, tokenizer, examples, features=None):
+    """Training and validation loaders; batches carry images, or cached features when given."""
+    config = model.config
     max_tokens = model.decoder.config.n_positions - config.prefix_tokens
     if max_tokens < 2:  # a story needs at least one token and its end-of-text
         most = model.decoder.config.n_positions - 2 - (config.prefix_tokens - config.prefix_length)
         raise UserError(f"--prefix-length {config.prefix_length} leaves no room for a story in GPT-2's "
                         f"{model.decoder.config.n_positions} positions; use at most {most}")
     train_examples, val_examples = dataset.split_by_image(examples, args.val_split, args.seed)
-    make_set = partial(dataset.StoryDataset, images_dir=args.images, tokenizer=tokenizer, transform=transform,
-                       max_tokens=max_tokens, min_side=config.resize_size,
-                       style_id=config.style_id if styles else None)
+    make_set = partial(dataset.StoryDataset, images_dir=args.images, tokenizer=tokenizer,
+                       transform=dataset.image_transform(config), max_tokens=max_tokens, min_side=config.resize_size,
+                       style_id=config.style_id if config.styles else None, features=features)
     train_set = make_set(train_examples)
     val_set = make_set(val_examples) if val_examples else None
     cut = sorted(train_set.truncated + (val_set.truncated if val_set is not None else []))
-    if cut:  # long stories are cut, not refused: one line, counting them all
+    if cut and run.main:  # long stories are cut, not refused: one line, counting them all
         lines = ", ".join(map(str, cut[:10])) + (", ..." if len(cut) > 10 else "")
         print(f"warning: {args.stories}: {len(cut)} of {len(examples)} stories are longer than the {max_tokens} "
               f"tokens the model has room for and were cut (lines {lines})", file=sys.stderr)
-    collate = partial(dataset.collate, pad_id=tokenizer.pad_token_id)
-    loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
-                        generator=torch.Generator().manual_seed(args.seed))
-    val_loader = DataLoader(val_set, batch_size=args.batch_size, collate_fn=collate) if val_set is not None else None
+    common = dict(batch_size=args.batch_size, collate_fn=partial(dataset.collate, pad_id=tokenizer.pad_token_id),
+                  num_workers=args.num_workers, pin_memory=run.device.type == "cuda", worker_init_fn=ignore_ctrl_c,
+                  persistent_workers=args.num_workers > 0)
+    sampler = EpochSampler(train_set, num_replicas=run.world_size, rank=run.rank, seed=args.seed)
+    # Its own generator, so that starting an epoch draws nothing from the global random state.
+    loader = DataLoader(train_set, sampler=sampler, generator=torch.Generator().manual_seed(args.seed), **common)
+    val_loader = DataLoader(val_set, **common) if val_set is not None and run.main else None
     n_images = len({ex.image for ex in train_examples})
-    print(f"data: {len(train_examples)} stories of {n_images} images for training, "
-          f"{len(val_examples)} stories held out for validation")
-    if styles:
+    run.log(f"data: {len(train_examples)} stories of {n_images} images for training, "
+            f"{len(val_examples)} stories held out for validation")
+    if config.styles:
         unstyled = sum(ex.style is None for ex in examples)
-        print(f"styles: {', '.join(styles)}" + (f" ({unstyled} stories without a style train the unstyled case)" if unstyled else ""))
+        run.log(f"styles: {', '.join(config.styles)}"
+                + (f" ({unstyled} stories without a style train the unstyled case)" if unstyled else ""))
+    return loader, val_loader
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    n_train, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
-    lora = f", LoRA r={args.lora_rank} on {','.join(args.lora_targets)}" if args.lora else ""
-    print(f"model: {config.encoder} -> {config.mapper} mapper -> {config.prefix_length}-token prefix -> GPT-2 "
-          f"({model.decoder.config.n_layer} layers{lora}); training {n_train:,} of {n_total:,} parameters "
-          f"({100 * n_train / n_total:.2f}%) on {device}")
-    if args.lora and sources["decoder"] is None:
-        print("note: the tiny preset's GPT-2 is random and has no source to reload it from, "
-              "so the checkpoint stores it with the adapters")
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    total_steps = args.epochs * len(loader)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(args.warmup * total_steps), total_steps)
 
-    log = utils.MetricsLog(utils.metrics_path(args.out))
-    print(f"logging metrics to {log}")
-    step, start = 0, time.time()
-    for epoch in range(1, args.epochs + 1):
-        bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, dynamic_ncols=True, disable=None)
-        running = None
-        for batch in bar:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss = model(**batch).loss
-            if not torch.isfinite(loss):
-                raise UserError(f"loss became {loss.item()} at step {step + 1}; lower --lr "
-                                f"(nothing was saved over {args.out})")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            optimizer.step()
-            lr = scheduler.get_last_lr()[0]  # the rate this step used
-            scheduler.step()
-            step += 1
-            running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
-            log.write(step, epoch=epoch, train_loss=loss.item(), lr=lr)
-            bar.set_postfix(loss=f"{running:.3f}")
-        line = f"epoch {epoch}/{args.epochs}: train loss {running:.4f}"
-        if val_loader is not None:
-            val_loss = evaluate(model, val_loader, device)
-            line += f", val loss {val_loss:.4f}"
-            log.write(step, epoch=epoch, val_loss=val_loss)
-        print(f"{line} ({time.time() - start:.0f}s)", flush=True)
-    log.close()
+# ----------------------------------------------------------------------------- one step
 
+def forward_backward(model, micro_batches, device, amp, scaler) -> torch.Tensor:
+    """Adds up the gradient of one optimizer step over its micro-batches and returns the mean loss per
+    story token. Each micro-batch counts by its share of the step's story tokens, so --grad-accum 2 at
+    --batch-size 8 gives the gradient of one batch of 16."""
+    tokens = [int(batch["attention_mask"].sum()) for batch in micro_batches]
+    total = torch.zeros((), device=device)
+    for i, (batch, n) in enumerate(zip(micro_batches, tokens)):
+        last = i == len(micro_batches) - 1
+        # Under DDP only the last micro-batch averages the gradient across processes.
+        sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else nullcontext()
+        with sync:
+            with amp():
+                loss = model(**to_device(batch, device)).loss * (n / sum(tokens))
+            scaler.scale(loss).backward()
+        total += loss.detach()
+    return total
+
+
+def optimizer_step(optimizer, scheduler, scaler, params, grad_clip):
+    scaler.unscale_(optimizer)  # clip the true gradient (the scaler only scales with float16)
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def agree(run, loss, stop_requested) -> tuple[bool, bool]:
+    """(loss finite everywhere, some process asked to stop): every process takes the same turn."""
+    flags = torch.tensor([float(not torch.isfinite(loss)), float(stop_requested)], device=run.device)
+    if run.world_size > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return not flags[0].item(), bool(flags[1].item())
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, amp=nullcontext):
+    """Mean loss per story token over a loader."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in loader:
+        batch = to_device(batch, device)
+        n = int(batch["attention_mask"].sum())
+        with amp():
+            total += model(**batch).loss.item() * n
+        count += n
+    model.train()
+    return total / max(count, 1)
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM (a cluster's pre-emption, torchrun's shutdown) lets the current step
+    finish; the loop then saves a resumable checkpoint and stops. A second Ctrl-C stops at once: the
+    checkpoint on disk stays whole because every save is atomic. (Repeats within a second are one
+    request: torchrun forwards the Ctrl-C its workers already got from the terminal.)"""
+
+    def __init__(self, run):
+        self.run, self.requested, self.previous = run, None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # only there can Python take signals
+            self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def handle(self, signum, frame):
+        if self.requested is not None:
+            if time.monotonic() - self.requested > 1:
+                raise KeyboardInterrupt
+            return
+        self.requested = time.monotonic()
+        if self.run.main:
+            print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step "
+                  f"(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- checkpoints and resuming
+
+@dataclass
+class Progress:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epochs completed
+    batches: int = 0  # batches trained on in the current epoch
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(path, *, args, run, model, sources, tokenizer, optimizer, scheduler, scaler, progress, data_id):
+    """Writes a checkpoint that generates stories and resumes training (rank 0 writes, atomically)."""
+    rngs = [rng_state()]
+    if run.world_size > 1:  # every process's random state, so each one's dropout continues exactly
+        rngs = [None] * run.world_size
+        dist.all_gather_object(rngs, rng_state())
+    if not run.main:
+        return
     checkpoint = {
         "format": utils.CHECKPOINT_FORMAT,
-        "config": config.to_dict(),
+        "config": model.config.to_dict(),
         "sources": sources,
         "model": utils.stored_state(model, sources),
         "tokenizer": utils.tokenizer_to_json(tokenizer),
         "eos_token": tokenizer.eos_token,
-        "train": {"args": {k: v for k, v in vars(args).items()}, "step": step, "epoch": args.epochs,
-                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+        "train": {"args": dict(vars(args)), "step": progress.step, "epoch": progress.epoch,
+                  "batches": progress.batches, "world_size": run.world_size, "data": data_id, "rng": rngs,
+                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                  "scaler": scaler.state_dict()},
     }
-    utils.save_checkpoint(checkpoint, args.out)
-    stored = [k for k, v in sources.items() if v is None] + ["LoRA adapters"] * bool(args.lora and sources["decoder"])
-    stored += ["mapper"] + ["style embeddings"] * bool(styles)
-    size = Path(args.out).stat().st_size / 2**20
-    print(f"saved {args.out} ({size:.1f} MiB: weights of {', '.join(stored)}; tokenizer; optimizer state)")
+    utils.save_checkpoint(checkpoint, path)
+
+
+def load_resume(args, run) -> dict:
+    """The checkpoint to continue from; refused if this run's settings would not continue the same run."""
+    ckpt = utils.load_checkpoint(args.resume)
+    state = ckpt.get("train", {})
+    if "rng" not in state:
+        raise UserError(f"{args.resume}: holds no training state to resume from; train again without --resume")
+    for key in RESUME_MUST_MATCH:
+        if state["args"].get(key) != getattr(args, key):
+            flag = "--" + key.replace("_", "-")
+            raise UserError(f"{args.resume}: was trained with {flag} {state['args'].get(key)}, this run has "
+                            f"{getattr(args, key)}; resume with the settings of the run that saved it")
+    if state["world_size"] != run.world_size:
+        raise UserError(f"{args.resume}: was trained by {state['world_size']} process(es), this run has "
+                        f"{run.world_size}; resume with torchrun --nproc_per_node={state['world_size']} "
+                        f"(or without torchrun for 1)")
+    return ckpt
+
+
+def restore(ckpt, run, optimizer, scheduler, scaler) -> Progress:
+    state = ckpt["train"]
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"][run.rank])
+    return Progress(state["step"], state["epoch"], state["batches"])
+
+
+def resume_command(argv, out, world_size) -> str:
+    """The command that continues this run: the same arguments, with --resume OUT."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    kept = []
+    for i, arg in enumerate(argv):
+        if arg == "--resume" or arg.startswith("--resume=") or (i and argv[i - 1] == "--resume"):
+            continue
+        kept.append(arg)
+    launcher = ["torchrun", f"--nproc_per_node={world_size}"] if world_size > 1 else ["python"]
+    return shlex.join([*launcher, "train.py", *kept, "--resume", str(out)])
+
+
+def check_writable(path):
+    """Fails now, not after hours of training, if the checkpoint cannot be written there; and removes
+    what a killed save left behind (a save writes .NAME.*.tmp, then renames it over NAME)."""
+    folder = Path(path).parent
+    for leftover in folder.glob(f".{glob.escape(Path(path).name)}.*.tmp"):
+        leftover.unlink(missing_ok=True)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{Path(path).name}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as err:
+        raise UserError(f"{path}: cannot write the checkpoint in {folder} ({err.strerror}); choose another --out") from None
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    args = parse_args(argv)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    dataset.set_max_image_pixels(args.max_image_pixels)
+    with start_run(args) as run:
+        ckpt = load_resume(args, run) if args.resume else None
+
+        # Data: every problem is reported before any model is built or trained.
+        examples = dataset.read_examples(args.stories, args.images, min_side=args.resize_size)
+        data_id = hashlib.sha256(repr([(ex.image, ex.story) for ex in examples]).encode()).hexdigest()[:16]
+        if ckpt is not None and ckpt["train"]["data"] != data_id:
+            raise UserError(f"{args.stories}: the stories changed since {args.resume} was saved; "
+                            f"resume with the same data, or train again without --resume")
+        if run.main:
+            check_writable(args.out)
+
+        # Model: new, or the one being resumed (its tokenizer and weights).
+        if ckpt is not None:
+            model, tokenizer = utils.load_model(ckpt)
+            sources = ckpt["sources"]
+        else:
+            tokenizer = (utils.train_tokenizer([ex.story for ex in examples], args.vocab_size) if args.preset == "tiny"
+                         else utils.load_gpt2_tokenizer(args.gpt2))
+            styles = sorted({ex.style for ex in examples if ex.style})  # a third column asks for style control
+            model, sources = build_model(args, tokenizer, styles)
+        model.to(run.device).train()
+        model.encoder.to(memory_format=torch.channels_last)
+        amp = partial(autocast, args, run.device)
+        features = cached_features(model, examples, args, run)
+        loader, val_loader = make_loaders(args, run, model, tokenizer, examples, features)
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        n_train, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
+        lora = f", LoRA r={args.lora_rank} on {','.join(args.lora_targets)}" if args.lora else ""
+        where = f"{run.device}" + (f" x {run.world_size} processes" if run.world_size > 1 else "")
+        run.log(f"model: {model.config.encoder} -> {model.config.mapper} mapper -> {model.config.prefix_length}-token "
+                f"prefix -> GPT-2 ({model.decoder.config.n_layer} layers{lora}); training {n_train:,} of {n_total:,} "
+                f"parameters ({100 * n_train / n_total:.2f}%) on {where}, {args.dtype}")
+        if args.lora and sources["decoder"] is None:
+            run.log("note: the tiny preset's GPT-2 is random and has no source to reload it from, "
+                    "so the checkpoint stores it with the adapters")
+        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+        steps_per_epoch = math.ceil(len(loader) / args.grad_accum)
+        total_steps = args.epochs * steps_per_epoch
+        scheduler = get_cosine_schedule_with_warmup(optimizer, int(args.warmup * total_steps), total_steps)
+        scaler = torch.amp.GradScaler(run.device.type, enabled=args.dtype == "float16")
+        if run.world_size > 1:
+            torch.manual_seed(args.seed + run.rank)  # each process draws its own dropout masks
+        progress = restore(ckpt, run, optimizer, scheduler, scaler) if ckpt is not None else Progress()
+        ddp_model = (DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+                     if run.world_size > 1 else model)
+        save_here = partial(save, args=args, run=run, model=model, sources=sources, tokenizer=tokenizer,
+                            optimizer=optimizer, scheduler=scheduler, scaler=scaler, data_id=data_id)
+        last_saved = None  # (file, step) of the newest good checkpoint of this run
+        if ckpt is not None:
+            if progress.epoch == args.epochs:
+                run.log(f"{args.resume} has finished all {args.epochs} epochs; nothing to resume")
+                return 0
+            last_saved = (args.resume, progress.step)
+            run.log(f"resuming {args.resume} at step {progress.step} of {total_steps}")
+
+        log = utils.MetricsLog(utils.metrics_path(args.out), append=ckpt is not None) if run.main else None
+        run.log(f"logging metrics to {log}")
+        start = time.time()
+        with StopRequest(run) as stop:
+            for epoch in range(progress.epoch, args.epochs):
+                loader.sampler.set_epoch(epoch)
+                loader.sampler.skip = progress.batches * args.batch_size
+                batches = iter(loader)
+                bar = tqdm(total=steps_per_epoch, initial=progress.batches // args.grad_accum, leave=False,
+                           desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True, disable=None if run.main else True)
+                running = None
+                while micro_batches := list(itertools.islice(batches, args.grad_accum)):
+                    loss = forward_backward(ddp_model, micro_batches, run.device, amp, scaler)
+                    finite, stopping = agree(run, loss, stop.requested is not None)
+                    if not finite:  # stop before the update: the last checkpoint stays good
+                        kept = f"{last_saved[0]} holds step {last_saved[1]}" if last_saved else "nothing was saved"
+                        hint = "lower --lr" + (", or use --dtype float32" if args.dtype != "float32" else "")
+                        raise UserError(f"loss became {loss.item()} at step {progress.step + 1}; stopped without "
+                                        f"saving ({kept}); {hint} and train again")
+                    lr = scheduler.get_last_lr()[0]  # the rate this step uses
+                    optimizer_step(optimizer, scheduler, scaler, params, args.grad_clip)
+                    progress.step += 1
+                    progress.batches += len(micro_batches)
+                    running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
+                    if log:
+                        log.write(progress.step, epoch=epoch + 1, train_loss=loss.item(), lr=lr)
+                    bar.update()
+                    bar.set_postfix(loss=f"{running:.3f}")
+                    if stopping or (args.save_every and progress.step % args.save_every == 0):
+                        save_here(args.out, progress=progress)
+                        last_saved = (args.out, progress.step)
+                    if stopping:
+                        bar.close()
+                        if log:
+                            log.close()
+                        if run.main:
+                            print(f"stopped at step {progress.step} of {total_steps} and saved {args.out}; to continue:\n"
+                                  f"  {resume_command(argv, args.out, run.world_size)}", file=sys.stderr, flush=True)
+                        return 130
+                bar.close()
+                progress.epoch, progress.batches = epoch + 1, 0
+                line = f"epoch {epoch + 1}/{args.epochs}: train loss {running:.4f}" if running is not None else \
+                    f"epoch {epoch + 1}/{args.epochs}"
+                if val_loader is not None:
+                    val_loss = evaluate(model, val_loader, run.device, amp)
+                    line += f", val loss {val_loss:.4f}"
+                    log.write(progress.step, epoch=epoch + 1, val_loss=val_loss)
+                run.log(f"{line} ({time.time() - start:.0f}s)")
+        if log:
+            log.close()
+
+        save_here(args.out, progress=progress)
+        stored = [k for k, v in sources.items() if v is None] + ["LoRA adapters"] * bool(args.lora and sources["decoder"])
+        stored += ["mapper"] + ["style embeddings"] * bool(model.config.styles)
+        if run.main:
+            size = Path(args.out).stat().st_size / 2**20
+            run.log(f"saved {args.out} ({size:.1f} MiB: weights of {', '.join(stored)}; tokenizer; optimizer state)")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ class DataError(UserError):
 
 
 def run_cli(main) -> None:
-    """Runs main(); turns a UserError into one line per problem on stderr and exit code 2."""
+    """Runs main(); turns a UserError into one line per problem on stderr and exit code 2,
+    and Ctrl-C into exit code 130 without a traceback."""
     try:
         code = main()
     except UserError as err:
@@ -43,6 +44,9 @@ def run_cli(main) -> None:
         if isinstance(err, DataError) and len(err.problems) > 1:
             print(f"error: {len(err.problems)} problems found; fix them and run again", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves first): no traceback
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
     sys.exit(code or 0)
 
 
@@ -92,13 +96,23 @@ def save_checkpoint(obj: dict, path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as err:
+    except (OSError, RuntimeError) as err:
         Path(tmp).unlink(missing_ok=True)
-        raise UserError(f"{path}: cannot write the checkpoint ({err.strerror or err}); "
+        if (cause := os_error(err)) is None:
+            raise
+        raise UserError(f"{path}: cannot write the checkpoint ({cause.strerror or cause}); "
                         f"free some space or choose another --out; the previous file is unchanged") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def os_error(err: BaseException) -> OSError | None:
+    """The OSError behind err, if any: torch.save reports a failed write (disk full, file too large)
+    as a RuntimeError raised while handling the OSError."""
+    while err is not None and not isinstance(err, OSError):
+        err = err.__cause__ or err.__context__
+    return err
 
 
 def load_torch_file(path, what: str):

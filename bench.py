@@ -1,0 +1,277 @@
+"""Measures what makes training and generation fast on this machine, and prints it as one table.
+
+    python bench.py            # GPT-2 small + ResNet-50 with random weights, offline: minutes on a laptop CPU
+    python bench.py --quick    # toy sizes, seconds: keeps every row working (the tests run it)
+
+Random weights, because speed does not depend on them and nothing has to be downloaded; the
+images and stories are the sample data in data/. Every row runs in its own forked process, so the
+peak memory printed next to it belongs to that row: the process's peak resident set size (which
+starts with Python, torch and transformers already imported: the "baseline" row), or on CUDA the
+peak GPU memory allocated by torch.
+"""
+import argparse
+import contextlib
+import multiprocessing
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from transformers import GPT2Config
+
+import dataset
+import generate
+import train
+import utils
+from model import StoryConfig, StoryModel, build_encoder
+
+DATA = Path(__file__).resolve().parent / "data"
+
+SIZES = {
+    # What `python train.py` trains: GPT-2 small (124M) and ResNet-50 at 224 px.
+    "full": dict(decoder=dict(), encoder="resnet50", image_size=224, resize_size=232, batch_size=8, steps=3,
+                 encoder_batch=16, new_tokens=100, story_images=16, story_tokens=40),
+    "quick": dict(decoder=dict(n_layer=1, n_head=2, n_embd=32, n_positions=64, vocab_size=2000), encoder="resnet-tiny",
+                  image_size=32, resize_size=32, batch_size=2, steps=1, encoder_batch=2, new_tokens=8,
+                  story_images=2, story_tokens=4),
+}
+TARGETS = {"frozen_c_over_a": 2.5, "b_over_d": 0.9, "encoder": 2.5, "vs_recompute": 10, "vs_transformers": 1.3,
+           "batched": 4}
+
+
+# ----------------------------------------------------------------------------- running a row
+
+def measure(fn, *args):
+    """fn(*args) in a fresh forked process: (its result, that process's peak memory in MiB)."""
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    with context.Pool(1) as pool:
+        return pool.apply(_in_child, (fn, args))
+
+
+def _in_child(fn, args):
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        value = fn(*args)
+    device = args[1]
+    if device.type == "cuda":
+        return value, torch.cuda.max_memory_allocated() / 2**20
+    return value, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def fastest(step, n) -> float:
+    """Seconds of the fastest of n calls of step(), after one warm-up call. The fastest, because
+    other programs on the machine only ever make a call slower."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    step()
+    times = []
+    for _ in range(n):
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def build(size, device, train_decoder=True):
+    """A story model of the benchmark's size with random weights, and a tokenizer trained on the sample stories."""
+    torch.manual_seed(0)
+    stories = [ex.story for ex in dataset.parse_stories(DATA / "stories.txt")[0]]
+    tokenizer = utils.train_tokenizer(stories, vocab_size=2000)
+    decoder = GPT2Config(**size["decoder"], bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = StoryConfig(encoder=size["encoder"], image_size=size["image_size"], resize_size=size["resize_size"],
+                         decoder=decoder.to_dict(), train_encoder=False, train_decoder=train_decoder)
+    model = StoryModel(config).to(device)
+    model.encoder.to(memory_format=torch.channels_last)
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------- the rows
+
+def baseline(size, device):
+    return 0.0
+
+
+def training_rate(size, device, freeze_gpt2, path):
+    """Training samples/s through train.py's own data loader and step.
+    path: plain (decode and encode every image every step), cached, cached-bf16, or in-memory
+    (the decoder-only limit: one batch of features already on the device, reused)."""
+    model, tokenizer = build(size, device, train_decoder=not freeze_gpt2)
+    with tempfile.TemporaryDirectory() as cache:
+        flags = ["--images", str(DATA / "images"), "--stories", str(DATA / "stories.txt"), "--val-split", "0",
+                 "--batch-size", str(size["batch_size"]), "--feature-cache", cache,
+                 "--dtype", "bfloat16" if path == "cached-bf16" else "float32"]
+        args = train.parse_args(flags + (["--no-feature-cache"] if path == "plain" else []))
+        run = train.Run(device)
+        examples = dataset.read_examples(args.stories, args.images, min_side=size["resize_size"])
+        features = train.cached_features(model.train(), examples, args, run)  # a first run's encoding: not timed
+        loader, _ = train.make_loaders(args, run, model, tokenizer, examples, features)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-5)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        scaler = torch.amp.GradScaler(device.type, enabled=False)
+        amp = partial(train.autocast, args, device)
+        if path == "in-memory":
+            fixed = train.to_device(next(iter(loader)), device)
+            batches = iter(lambda: fixed, None)
+        else:
+            batches = epochs(loader)
+
+        def step():
+            batch = next(batches)
+            train.forward_backward(model, [batch], device, amp, scaler)
+            train.optimizer_step(optimizer, scheduler, scaler, params, grad_clip=1.0)
+
+        return size["batch_size"] / fastest(step, size["steps"])  # (66 stories: no short batch within 4 steps)
+
+
+def epochs(loader):
+    """The loader's batches, epoch after epoch: a plain loader decodes every image again each time."""
+    while True:
+        yield from loader
+
+
+@torch.no_grad()
+def encoder_rate(size, device, layout, dtype):
+    """Encoder images/s on a batch of preprocessed images (decoding not included)."""
+    torch.manual_seed(0)
+    encoder = build_encoder(size["encoder"]).eval().to(device)
+    images = torch.randn(size["encoder_batch"], 3, size["image_size"], size["image_size"], device=device)
+    if layout == "channels-last":
+        encoder.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    amp = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def step():
+        with amp:
+            encoder(images)
+
+    return size["encoder_batch"] / fastest(step, size["steps"])
+
+
+@torch.no_grad()
+def decoding_rate(size, device, how):
+    """New tokens/s for one story (batch 1) of exactly new_tokens tokens, greedy, from image features."""
+    model, tokenizer = build(size, device)
+    model.eval()
+    n = size["new_tokens"]
+    features = torch.randn(1, model.config.feature_dim, device=device)
+    if how == "generate.py":  # its own generation settings (greedy), through StoryModel.generate
+        config = generate.generation_config(generate.parse_args(["x", "--strategy", "greedy"]), tokenizer, n)
+        config.min_new_tokens = n
+        run = partial(model.generate, features=features, generation_config=config)
+    elif how == "transformers":  # plain transformers generate on the prefix, float32, nothing else
+        prefix = model.prefix(features)
+        run = partial(model.decoder.generate, inputs_embeds=prefix, attention_mask=torch.ones(prefix.shape[:2], device=device),
+                      max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    else:  # re-run the whole sequence for every new token, as the closest peer decodes
+        def run():
+            embeds = model.prefix(features)
+            for _ in range(n):
+                logits = model.decoder(inputs_embeds=embeds).logits[:, -1]  # (1, vocab)
+                token = logits.argmax(-1)
+                embeds = torch.cat([embeds, model.decoder.get_input_embeddings()(token)[:, None]], dim=1)
+    return n / fastest(run, 1)
+
+
+def stories_rate(size, device, batch_size):
+    """Stories/s for story_images images through generate.py's write_stories (its default sampling)."""
+    model, tokenizer = build(size, device)
+    model.eval()
+    paths = sorted((DATA / "images").glob("*.jpg"))[: size["story_images"]]
+    images = [(str(p), dataset.load_image(p, size["resize_size"])) for p in paths]
+    n = size["story_tokens"]
+    config = generate.generation_config(generate.parse_args(["x", "--seed", "0"]), tokenizer, n)
+    config.min_new_tokens = n  # every story as long, batched or not
+
+    def run():
+        torch.manual_seed(0)
+        list(generate.write_stories(model, tokenizer, images, config, batch_size, device))
+
+    return len(images) / fastest(run, 1)
+
+
+# ----------------------------------------------------------------------------- the table
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="toy model sizes: every row in seconds, the figures mean nothing")
+    p.add_argument("--device", type=utils.parse_device, default="cpu", help="cpu, cuda, cuda:N, mps or auto (default: %(default)s)")
+    return p.parse_args(argv)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = utils.pick_device(args.device)
+    size = SIZES["quick" if args.quick else "full"]
+    what = "toy sizes (--quick)" if args.quick else "GPT-2 small (124M) + ResNet-50, random weights"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_name()}, {os.cpu_count()} CPUs"
+    print(f"bench: {what}; {device} ({where}); torch {torch.__version__}; "
+          f"load average {os.getloadavg()[0]:.1f} at the start", flush=True)
+    print("\n| what | figure | peak memory |\n|---|---|---|", flush=True)
+    figures = {}
+
+    def row(key, label, unit, fn, *fn_args):
+        value, peak = measure(fn, size, device, *fn_args)
+        figures[key] = value
+        shown = f"{value:.3g} {unit}" if unit else "-"
+        print(f"| {label} | {shown} | {peak:,.0f} MiB |", flush=True)
+
+    row("baseline", "baseline: Python + torch + transformers imported", "", baseline)
+    b = size["batch_size"]
+    for name, frozen in (("frozen", True), ("tuned", False)):
+        title = "GPT-2 frozen" if frozen else "GPT-2 fine-tuned"
+        row(f"{name}_a", f"1a. training, {title}: plain float32, decode + encode every image every step (batch {b})",
+            "samples/s", training_rate, frozen, "plain")
+        row(f"{name}_b", f"1b. training, {title}: feature cache", "samples/s", training_rate, frozen, "cached")
+        row(f"{name}_c", f"1c. training, {title}: feature cache + bfloat16", "samples/s", training_rate, frozen, "cached-bf16")
+        row(f"{name}_d", f"1d. training, {title}: decoder-only limit, features in memory", "samples/s",
+            training_rate, frozen, "in-memory")
+    e = size["encoder_batch"]
+    row("enc_fp32", f"2. encoder, float32, default layout (batch {e})", "images/s", encoder_rate, "default", torch.float32)
+    row("enc_fp32_cl", "2. encoder, float32 + channels-last", "images/s", encoder_rate, "channels-last", torch.float32)
+    row("enc_bf16_cl", "2. encoder, bfloat16 + channels-last", "images/s", encoder_rate, "channels-last", torch.bfloat16)
+    t = size["new_tokens"]
+    row("dec_ours", f"3. decoding, batch 1, {t} new tokens: generate.py's path", "tokens/s", decoding_rate, "generate.py")
+    row("dec_hf", "3. decoding: plain transformers generate, float32", "tokens/s", decoding_rate, "transformers")
+    row("dec_loop", "3. decoding: re-run the whole sequence every token", "tokens/s", decoding_rate, "recompute")
+    n = size["story_images"]
+    row("batched", f"4. stories for {n} images, batched (--batch-size {n})", "stories/s", stories_rate, n)
+    row("single", f"4. stories for {n} images, one at a time", "stories/s", stories_rate, 1)
+
+    f = figures
+    ratios = [
+        ("1. training, GPT-2 frozen: (c) cache + bfloat16 / (a) plain", f["frozen_c"] / f["frozen_a"], TARGETS["frozen_c_over_a"]),
+        ("1. training, GPT-2 frozen: (b) cache / (d) decoder-only limit", f["frozen_b"] / f["frozen_d"], TARGETS["b_over_d"]),
+        ("1. training, GPT-2 fine-tuned: (c) cache + bfloat16 / (a) plain", f["tuned_c"] / f["tuned_a"], None),
+        ("1. training, GPT-2 fine-tuned: (b) cache / (d) decoder-only limit", f["tuned_b"] / f["tuned_d"], TARGETS["b_over_d"]),
+        ("1. training, GPT-2 frozen: (b) cache / (a) plain", f["frozen_b"] / f["frozen_a"], None),
+        ("2. encoder: bfloat16 + channels-last / float32", f["enc_bf16_cl"] / f["enc_fp32"], TARGETS["encoder"]),
+        ("2. encoder: float32 + channels-last / float32", f["enc_fp32_cl"] / f["enc_fp32"], None),
+        ("3. decoding: generate.py / re-run loop", f["dec_ours"] / f["dec_loop"], TARGETS["vs_recompute"]),
+        ("3. decoding: generate.py / transformers generate", f["dec_ours"] / f["dec_hf"], TARGETS["vs_transformers"]),
+        ("4. stories: batched / one at a time", f["batched"] / f["single"], TARGETS["batched"]),
+    ]
+    print("\n| ratio | measured | target |\n|---|---|---|")
+    for label, value, target in ratios:
+        verdict = "" if target is None else f">= {target:g}x: {'met' if value >= target else 'not met'}"
+        print(f"| {label} | {value:.2f}x | {verdict} |")
+    print(f"\nload average {os.getloadavg()[0]:.1f} at the end", flush=True)
+
+
+if __name__ == "__main__":
+    utils.run_cli(main)

@@ -1,0 +1,134 @@
+"""Faults during training: Ctrl-C, kills, a loss that blows up, a full disk, running out of memory.
+Each one ends with a clear message, and the last good checkpoint stays readable."""
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import dataset
+import train
+import utils
+from conftest import DATA, ROOT, write_stories
+from model import StoryModel
+from utils import UserError
+
+STORIES = [line for line in (DATA / "stories.txt").read_text().splitlines() if not line.startswith("#")]
+
+
+def tiny_args(stories, out, *extra):
+    return ["--preset", "tiny", "--images", str(DATA / "images"), "--stories", str(stories), "--batch-size", "2",
+            "--val-split", "0", "--out", str(out), "--device", "cpu", *extra]
+
+
+def start_training(args):
+    return subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, process, timeout=120):
+    deadline = time.time() + timeout
+    while not condition():
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline
+        time.sleep(0.005)
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes_to_the_same_weights(tmp_path):
+    stories = write_stories(tmp_path / "s.txt", STORIES[:6])  # 3 steps per epoch
+    out = tmp_path / "m.pt"
+    args = tiny_args(stories, out, "--epochs", "2", "--save-every", "1")
+    process = start_training(args)
+    wait_for(out.exists, process)  # the first periodic save: training is under way
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and f"--resume {out}" in stderr
+    stopped = torch.load(out, weights_only=True)["train"]["step"]
+    assert 1 <= stopped < 6, stderr
+
+    # Resuming with other settings is refused; with the same ones it ends where an uninterrupted run ends.
+    with pytest.raises(UserError, match="--lr"):
+        train.main(args + ["--lr", "0.01", "--resume", str(out)])
+    train.main(args + ["--resume", str(out)])
+    train.main(tiny_args(stories, tmp_path / "whole.pt", "--epochs", "2"))
+    resumed = torch.load(out, weights_only=True)
+    whole = torch.load(tmp_path / "whole.pt", weights_only=True)
+    assert resumed["train"]["step"] == whole["train"]["step"] == 6
+    for key in whole["model"]:
+        torch.testing.assert_close(resumed["model"][key], whole["model"][key], rtol=0, atol=1e-6)
+
+
+def test_a_run_killed_while_saving_leaves_the_last_checkpoint_readable(tmp_path):
+    stories = write_stories(tmp_path / "s.txt", STORIES[:4])
+    out = tmp_path / "m.pt"
+    process = start_training(tiny_args(stories, out, "--epochs", "50", "--save-every", "1"))
+    wait_for(out.exists, process)
+    wait_for(lambda: any(tmp_path.glob(".m.pt.*.tmp")), process)  # the next save is being written
+    process.kill()
+    process.communicate()
+
+    ckpt = utils.load_checkpoint(out)
+    assert ckpt["train"]["step"] >= 1 and utils.load_model(ckpt)
+    train.check_writable(out)  # the next run clears the half-written file away
+    assert [p.name for p in tmp_path.glob(".m.pt*")] == []
+
+
+def test_a_non_finite_loss_stops_at_its_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    stories = write_stories(tmp_path / "s.txt", STORIES[:4])  # 2 steps per epoch
+    out = tmp_path / "m.pt"
+    forward, calls = StoryModel.forward, []
+
+    def blows_up_at_the_third_step(self, *args, **kwargs):
+        calls.append(1)
+        output = forward(self, *args, **kwargs)
+        if len(calls) == 3:
+            output.loss = output.loss * float("nan")
+        return output
+
+    monkeypatch.setattr(StoryModel, "forward", blows_up_at_the_third_step)
+    with pytest.raises(UserError, match=rf"loss became nan at step 3; stopped without saving \({out} holds step 2\)"):
+        train.main(tiny_args(stories, out, "--epochs", "2", "--save-every", "1", "--no-train-encoder"))
+    assert utils.load_checkpoint(out)["train"]["step"] == 2
+
+
+def test_out_of_memory_suggests_a_smaller_batch_with_gradient_accumulation(tmp_path, monkeypatch):
+    def out_of_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(StoryModel, "forward", out_of_memory)
+    stories = write_stories(tmp_path / "s.txt", STORIES[:2])
+    with pytest.raises(UserError, match="out of memory .* try --batch-size 1 --grad-accum 2 "):
+        train.main(tiny_args(stories, tmp_path / "m.pt", "--epochs", "1"))
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_a_full_disk_fails_clearly_and_keeps_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "m.pt"
+    utils.save_checkpoint({"weights": torch.zeros(10)}, path)
+    before = path.read_bytes()
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing us
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, limits[1]))  # the disk is full after 100 kB
+    try:
+        with pytest.raises(UserError, match="cannot write the checkpoint .*the previous file is unchanged"):
+            utils.save_checkpoint({"weights": torch.zeros(1_000_000)}, path)
+        with pytest.raises(UserError, match="cannot write the feature cache .*--no-feature-cache"):
+            dataset.FeatureCache(tmp_path / "cache", "setup", 50_000).save("image", torch.zeros(50_000))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["cache", "m.pt"]
+    assert list((tmp_path / "cache").rglob("*")) == [tmp_path / "cache" / "setup"]  # nothing half-written
+
+
+def test_an_unwritable_out_folder_is_refused_before_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "build_model", lambda *a: pytest.fail("trained before checking --out"))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(UserError, match="cannot write the checkpoint in .*choose another --out"):
+        train.main(tiny_args(write_stories(tmp_path / "s.txt", STORIES[:2]), blocker / "m.pt"))
