@@ -128,7 +128,8 @@ def image_paths(args) -> list[str]:
     paths = []
     for arg in args.images:
         path = Path(arg)
-        if path.is_dir():
+        # (A folder named like an image, photo.jpg/, is a mistake reported with the unreadable images.)
+        if path.is_dir() and path.suffix.lower() not in dataset.IMAGE_SUFFIXES:
             found = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in dataset.IMAGE_SUFFIXES and p.is_file())
             if not found:
                 raise UserError(f"{path}: no images in this folder ({', '.join(sorted(dataset.IMAGE_SUFFIXES))})")

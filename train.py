@@ -545,6 +545,13 @@ def restore(ckpt, run, optimizer, scheduler, scaler) -> Progress:
     return Progress(state["step"], state["epoch"], state["batches"])
 
 
+def non_finite_loss(loss, args, progress, last_saved) -> UserError:
+    kept = f"{last_saved[0]} holds step {last_saved[1]}" if last_saved else "nothing was saved"
+    hint = "lower --lr" + (", or use --dtype float32" if args.dtype != "float32" else "")
+    return UserError(f"loss became {loss.item()} at step {progress.step + 1}; stopped without saving ({kept}); "
+                     f"{hint} and train again")
+
+
 def resume_command(argv, out, world_size) -> str:
     """The command that continues this run: the same arguments, with --resume OUT."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -650,10 +657,7 @@ def main(argv=None):
                     loss = forward_backward(ddp_model, micro_batches, run.device, amp, scaler)
                     finite, stopping = agree(run, loss, stop.requested is not None)
                     if not finite:  # stop before the update: the last checkpoint stays good
-                        kept = f"{last_saved[0]} holds step {last_saved[1]}" if last_saved else "nothing was saved"
-                        hint = "lower --lr" + (", or use --dtype float32" if args.dtype != "float32" else "")
-                        raise UserError(f"loss became {loss.item()} at step {progress.step + 1}; stopped without "
-                                        f"saving ({kept}); {hint} and train again")
+                        raise non_finite_loss(loss, args, progress, last_saved)
                     lr = scheduler.get_last_lr()[0]  # the rate this step uses
                     optimizer_step(optimizer, scheduler, scaler, params, args.grad_clip)
                     progress.step += 1
@@ -673,7 +677,7 @@ def main(argv=None):
                         if run.main:
                             print(f"stopped at step {progress.step} of {total_steps} and saved {args.out}; to continue:\n"
                                   f"  {resume_command(argv, args.out, run.world_size)}", file=sys.stderr, flush=True)
-                        return 130
+                        return 130  # the shell's code for a run stopped by Ctrl-C
                 bar.close()
                 progress.epoch, progress.batches = epoch + 1, 0
                 line = f"epoch {epoch + 1}/{args.epochs}: train loss {running:.4f}" if running is not None else \
