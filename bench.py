@@ -139,7 +139,7 @@ def epochs(loader):
 def encoder_rate(size, device, layout, dtype):
     """Encoder images/s on a batch of preprocessed images (decoding not included)."""
     torch.manual_seed(0)
-    encoder = build_encoder(size["encoder"]).eval().to(device)
+    encoder = build_encoder(size["encoder"], {}).eval().to(device)
     images = torch.randn(size["encoder_batch"], 3, size["image_size"], size["image_size"], device=device)
     if layout == "channels-last":
         encoder.to(memory_format=torch.channels_last)
