@@ -40,7 +40,7 @@ class Storyteller:
 
     def __init__(self, checkpoint, device="auto"):
         self.device = utils.pick_device(device)
-        self.model, self.tokenizer = utils.load_model(utils.load_checkpoint(checkpoint))
+        self.model, self.tokenizer = utils.load_model(utils.load_checkpoint(checkpoint), where=checkpoint)
         self.model.to(self.device).eval()
         self.styles = list(getattr(self.model.config, "styles", None) or [])  # checkpoints trained with styles
         self.room = generate.story_room(self.model)
@@ -54,7 +54,7 @@ class Storyteller:
         gen_config = generate.generation_config(settings, self.tokenizer, min(max_new_tokens, self.room))
         style_arg = {"style": style} if style else {}  # only a model trained with styles takes one
         [(_, stories)] = generate.write_stories(self.model, self.tokenizer, [("image", image)], gen_config,
-                                                1, self.device, **style_arg)
+                                                1, **style_arg)
         return stories
 
     def on_generate(self, upload, style, strategy, temperature, max_new_tokens, num_stories) -> str:

@@ -190,7 +190,7 @@ def stories_rate(size, device, batch_size):
 
     def run():
         torch.manual_seed(0)
-        list(generate.write_stories(model, tokenizer, images, config, batch_size, device))
+        list(generate.write_stories(model, tokenizer, images, config, batch_size))
 
     return len(images) / fastest(run, 1)
 

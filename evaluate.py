@@ -50,6 +50,8 @@ def parse_args(argv=None):
                    help="CLIP for CLIPScore: a save_pretrained folder or a hub name already in the Hugging Face "
                         "cache; never downloaded, skipped when absent (default: %(default)s)")
     generate.add_decoding_args(p)
+    p.add_argument("--style", help="style of the generated stories, for a model trained with a style column "
+                                   "(default: no style); reference stories are always scored with their own style")
     p.set_defaults(seed=0)  # metrics should repeat: sampling is seeded unless told otherwise
     p.add_argument("--batch-size", type=positive_int, default=16,
                    help="images per generate call and stories per scoring pass (default: %(default)s)")
@@ -74,8 +76,10 @@ def main(argv=None):
         references.setdefault(ex.image, []).append(ex.story)
     names = list(references)
     notes = []
-    if model.config.styles:  # generate.py's default: no --style
-        notes.append(f"the model knows the styles {', '.join(model.config.styles)}; stories were written and scored without one")
+    generate.style_id(model.config, args.style)  # refuse an unknown style before generating
+    if model.config.styles:
+        notes.append(f"the model knows the styles {', '.join(model.config.styles)}; stories were written "
+                     + (f"in the style {args.style}" if args.style else "without one (--style picks one)"))
 
     # Stories for every image, decoded as generate.py does; the image features are kept for scoring.
     room = generate.story_room(model)
@@ -83,17 +87,20 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     generated, features = {}, []
     for start in tqdm(range(0, len(names), args.batch_size), desc="generating", leave=False, disable=None):
-        chunk = [(name, load(args.images, name, model.config.resize_size)) for name in names[start:start + args.batch_size]]
-        generated.update(generate.write_stories(model, tokenizer, chunk, gen_config, args.batch_size, device))
-        features.append(encode(model, [image for _, image in chunk], device))
+        chunk = names[start:start + args.batch_size]
+        batch = generate.encode_images(model, [load(args.images, name, model.config.resize_size) for name in chunk])
+        generated.update(zip(chunk, generate.stories_from_features(model, tokenizer, batch, gen_config, args.style)))
+        features.append(batch.float().cpu())
     features = torch.cat(features)  # (images, feature_dim)
 
     # The reference stories under the model: loss per token, as train.py's validation loss.
     ids = tokenizer([ex.story for ex in examples], add_special_tokens=False)["input_ids"]
     tokens = [torch.tensor(x[:room - 1] + [tokenizer.eos_token_id]) for x in ids]  # as dataset.StoryDataset
+    known = model.config.styles or ()  # a reference in a style the model does not know is scored without one
+    styles = torch.tensor([model.config.style_id(ex.style) if ex.style in known else 0 for ex in examples])
     row = {name: i for i, name in enumerate(names)}
-    nll, count = story_nll(model, features[[row[ex.image] for ex in examples]], tokens, args.batch_size, device,
-                           tokenizer.pad_token_id)
+    nll, count = story_nll(model, features[[row[ex.image] for ex in examples]], tokens, styles, args.batch_size,
+                           device, tokenizer.pad_token_id)
     loss = float(nll.sum() / count.sum())
     result = {"reference_loss": loss, "perplexity": math.exp(loss)}
 
@@ -114,7 +121,8 @@ def main(argv=None):
     else:
         notes.append("diversity within an image needs --num-stories 2 or more (with --strategy sample)")
 
-    result.update(consistency(model, features, names, examples, tokens, args, device, tokenizer.pad_token_id, notes))
+    result.update(consistency(model, features, names, examples, tokens, styles, args, device, tokenizer.pad_token_id,
+                              notes))
     result["clip_score"] = clip_score(args.clip, args.images, names, hypotheses, args.batch_size, device, notes)
 
     print_table(result, notes)
@@ -144,15 +152,9 @@ def load(images_dir, name, min_side):
 
 
 @torch.no_grad()
-def encode(model, images, device) -> torch.Tensor:
-    transform = dataset.image_transform(model.config)
-    return model.encode(torch.stack([transform(image) for image in images]).to(device)).float().cpu()
-
-
-@torch.no_grad()
-def story_nll(model, features, tokens, batch_size, device, pad_id):
-    """Negative log-likelihood of each story given the image features on its row, summed over its
-    tokens (EOS included), and its token count: (stories,), (stories,). Batched by length."""
+def story_nll(model, features, tokens, styles, batch_size, device, pad_id):
+    """Negative log-likelihood of each story given the image features on its row and its style id,
+    summed over its tokens (EOS included), and its token count: (stories,), (stories,). Batched by length."""
     nll, count = torch.zeros(len(tokens)), torch.zeros(len(tokens))
     order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))
     P = model.config.prefix_tokens  # the image prefix, and the style position of a model trained with styles
@@ -163,13 +165,14 @@ def story_nll(model, features, tokens, batch_size, device, pad_id):
         for r, i in enumerate(idx):
             ids[r, :len(tokens[i])], mask[r, :len(tokens[i])] = tokens[i], 1
         ids, mask = ids.to(device), mask.to(device)
-        logits = model(ids, mask, features=features[idx].to(device)).logits[:, P - 1:-1]  # position P-1+t predicts token t
+        style_ids = styles[idx].to(device) if model.config.styles else None
+        logits = model(ids, mask, features=features[idx].to(device), style_ids=style_ids).logits[:, P - 1:-1]  # position P-1+t predicts token t
         token_nll = F.cross_entropy(logits.float().transpose(1, 2), ids, reduction="none") * mask  # (B, T)
         nll[idx], count[idx] = token_nll.sum(1).cpu(), mask.sum(1).float().cpu()
     return nll, count
 
 
-def consistency(model, features, names, examples, tokens, args, device, pad_id, notes) -> dict:
+def consistency(model, features, names, examples, tokens, styles, args, device, pad_id, notes) -> dict:
     """Does the model prefer each image's own reference stories to the other images' stories?
     A random subset of --rank-images images each scores the reference stories of the whole subset."""
     k = min(args.rank_images, len(names))
@@ -180,8 +183,8 @@ def consistency(model, features, names, examples, tokens, args, device, pad_id, 
     position = {names[i]: p for p, i in enumerate(chosen)}
     stories = [j for j, ex in enumerate(examples) if ex.image in position]
     owner = [position[examples[j].image] for j in stories]
-    candidate_tokens = [tokens[j] for j in stories]
-    nll = torch.stack([story_nll(model, features[i].expand(len(stories), -1), candidate_tokens,
+    candidate_tokens, candidate_styles = [tokens[j] for j in stories], styles[stories]
+    nll = torch.stack([story_nll(model, features[i].expand(len(stories), -1), candidate_tokens, candidate_styles,
                                  args.batch_size, device, pad_id)[0]
                        for i in tqdm(chosen, desc="consistency", leave=False, disable=None)])  # (images, stories)
     ranks = metrics.consistency_ranks(nll, owner)

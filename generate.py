@@ -106,21 +106,31 @@ def style_id(config, style: str | None) -> int:
         raise UserError(f"--style {style}: {err}") from None
 
 
-def write_stories(model, tokenizer, images, gen_config, batch_size, device, style=None):
-    """Yields (image path, [stories]) for PIL images, batch_size images per generate call."""
+@torch.no_grad()
+def encode_images(model, images) -> torch.Tensor:
+    """Pooled encoder features (B, feature_dim) of RGB PIL images, on the model's device and dtype."""
     transform = dataset.image_transform(model.config)
+    weight = next(model.encoder.parameters())
+    pixels = torch.stack([transform(image) for image in images]).to(weight.device, weight.dtype)
+    return model.encode(pixels.contiguous(memory_format=torch.channels_last))  # the CNN's fastest layout
+
+
+def stories_from_features(model, tokenizer, features, gen_config, style=None) -> list[list[str]]:
+    """gen_config.num_return_sequences stories for each row of features (B, feature_dim)."""
     sid = style_id(model.config, style)
-    dtype = next(model.encoder.parameters()).dtype
+    style_ids = torch.full((len(features),), sid, device=features.device) if model.config.styles else None
+    ids = model.generate(features=features, style_ids=style_ids, generation_config=gen_config)
+    texts = [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    n = gen_config.num_return_sequences
+    return [texts[i * n:(i + 1) * n] for i in range(len(features))]
+
+
+def write_stories(model, tokenizer, images, gen_config, batch_size, style=None):
+    """Yields (image path, [stories]) for (path, PIL image) pairs, batch_size images per generate call."""
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
-        pixels = torch.stack([transform(img) for _, img in chunk]).to(device, dtype)
-        pixels = pixels.contiguous(memory_format=torch.channels_last)  # the CNN's fastest layout
-        style_ids = torch.full((len(chunk),), sid, device=device) if model.config.styles else None
-        ids = model.generate(images=pixels, style_ids=style_ids, generation_config=gen_config)
-        texts = [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
-        n = gen_config.num_return_sequences
-        for i, (path, _) in enumerate(chunk):
-            yield path, texts[i * n:(i + 1) * n]
+        features = encode_images(model, [image for _, image in chunk])
+        yield from zip([path for path, _ in chunk], stories_from_features(model, tokenizer, features, gen_config, style))
 
 
 def image_paths(args) -> list[str]:
@@ -168,7 +178,7 @@ def main(argv=None):
             except Exception as err:  # every unreadable file is named; the others still get stories
                 tqdm.write(f"error: {dataset.describe_image_error(path, err)}", file=sys.stderr)
                 failed += 1
-        for path, stories in write_stories(model, tokenizer, images, gen_config, args.batch_size, device, args.style):
+        for path, stories in write_stories(model, tokenizer, images, gen_config, args.batch_size, args.style):
             tqdm.write(format_stories(path, stories, args.json, several=len(paths) > 1), file=sys.stdout)
         sys.stdout.flush()
         bar.update(len(paths[start:start + args.batch_size]))

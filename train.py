@@ -317,6 +317,8 @@ def cached_features(model, examples, args, run) -> dict | None:
     keys = {name: cache.key(Path(args.images) / name) for name in names}
     features = {name: cache.load(keys[name]) for name in names}
     missing = [name for name in names if features[name] is None]
+    if run.world_size > 1:
+        dist.barrier()  # all processes have looked before any writes, so they agree on what is missing
     mine = missing[run.rank::run.world_size]  # under torchrun each process encodes its share
     loader = DataLoader(dataset.ImageDataset(mine, args.images, transform, config.resize_size),
                         batch_size=args.batch_size, num_workers=args.num_workers, worker_init_fn=ignore_ctrl_c,
@@ -565,12 +567,14 @@ def resume_command(argv, out, world_size) -> str:
 
 
 def check_writable(path):
-    """Fails now, not after hours of training, if the checkpoint cannot be written there; and removes
-    what a killed save left behind (a save writes .NAME.*.tmp, then renames it over NAME)."""
+    """Fails now, not after hours of training, if the checkpoint cannot be written there (a missing
+    folder is made); and removes what a killed save left behind (a save writes .NAME.*.tmp, then
+    renames it over NAME)."""
     folder = Path(path).parent
-    for leftover in folder.glob(f".{glob.escape(Path(path).name)}.*.tmp"):
-        leftover.unlink(missing_ok=True)
     try:
+        folder.mkdir(parents=True, exist_ok=True)  # --out runs/today/model.pt makes runs/today
+        for leftover in folder.glob(f".{glob.escape(Path(path).name)}.*.tmp"):
+            leftover.unlink(missing_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{Path(path).name}.", suffix=".tmp", dir=folder)
         os.close(fd)
         os.unlink(tmp)

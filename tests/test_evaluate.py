@@ -56,15 +56,18 @@ def test_curves_without_a_log_stop_before_any_work(tiny_checkpoint, tmp_path):
     assert not (tmp_path / "m.json").exists()
 
 
-def test_story_nll_is_the_training_loss_per_story():
+@pytest.mark.parametrize("styles", [None, ["noir", "poetic"]])
+def test_story_nll_is_the_training_loss_per_story(styles):
     torch.manual_seed(0)
-    model = StoryModel(tiny_config()).eval()
+    model = StoryModel(tiny_config(styles=styles or [])).eval()
     tokens = [torch.tensor(t) for t in ([5, 7, EOS_ID], [0, EOS_ID], [3, 4, 8, 9, EOS_ID])]
     features = torch.randn(3, 512)
-    nll, count = evaluate.story_nll(model, features, tokens, batch_size=2, device="cpu", pad_id=EOS_ID)
+    style_ids = torch.tensor([2, 0, 1]) if styles else torch.zeros(3, dtype=torch.long)
+    nll, count = evaluate.story_nll(model, features, tokens, style_ids, batch_size=2, device="cpu", pad_id=EOS_ID)
     assert count.tolist() == [3, 2, 5]
     for i, t in enumerate(tokens):  # each story alone, through the model's own loss (a mean per token)
-        loss = model(t[None], torch.ones(1, len(t), dtype=torch.long), features=features[i:i + 1]).loss
+        loss = model(t[None], torch.ones(1, len(t), dtype=torch.long), features=features[i:i + 1],
+                     style_ids=style_ids[i:i + 1] if styles else None).loss
         torch.testing.assert_close(nll[i] / count[i], loss)
 
 

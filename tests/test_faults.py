@@ -132,3 +132,9 @@ def test_an_unwritable_out_folder_is_refused_before_training(tmp_path, monkeypat
     blocker.write_text("")
     with pytest.raises(UserError, match="cannot write the checkpoint in .*choose another --out"):
         train.main(tiny_args(write_stories(tmp_path / "s.txt", STORIES[:2]), blocker / "m.pt"))
+
+
+def test_out_in_a_new_folder_is_made(tmp_path):
+    out = tmp_path / "runs" / "today" / "m.pt"
+    train.check_writable(out)
+    assert out.parent.is_dir() and list(out.parent.iterdir()) == []  # the probe file is gone

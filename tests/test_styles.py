@@ -88,3 +88,17 @@ def test_evaluate_scores_a_model_with_styles(styled, tmp_path):
     with torch.no_grad():
         loss = model.eval()(**dataset.collate([data[i] for i in range(len(data))], tokenizer.pad_token_id)).loss
     assert result["metrics"]["reference_loss"] == pytest.approx(loss.item(), abs=1e-4)
+
+
+def test_evaluate_writes_in_the_asked_style(styled, tmp_path):
+    import evaluate
+    checkpoint, images = styled
+    images_dir, stories = images[0].parent, images[0].parent.parent / "stories.txt"
+    report = tmp_path / "eval.json"
+    evaluate.main(["--checkpoint", str(checkpoint), "--images", str(images_dir), "--stories", str(stories),
+                   "--strategy", "greedy", "--style", "noir", "--rank-images", "0", "--out", str(report),
+                   "--device", "cpu"])
+    result = json.loads(report.read_text())
+    assert any("in the style noir" in note for note in result["notes"])
+    written = [story for [story] in result["stories"].values()]
+    assert len(written) == len(images) and all(s.split()[0] == FIRST_WORDS["noir"] for s in written), written
