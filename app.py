@@ -32,6 +32,8 @@ def parse_args(argv=None):
                    help="address to serve on; 0.0.0.0 opens the page to your network (default: %(default)s)")
     p.add_argument("--port", type=port_number, default=7860, help="port to serve on (default: %(default)s)")
     p.add_argument("--device", type=utils.parse_device, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--max-image-pixels", type=generate.non_negative_int,
+                   help="refuse larger uploads, a guard against decompression bombs; 0 = no limit (default: Pillow's, about 89 million)")
     return p.parse_args(argv)
 
 
@@ -116,6 +118,7 @@ def build_page(teller: Storyteller | None, problem: str | None = None) -> gr.Blo
 
 def main(argv=None):
     args = parse_args(argv)
+    dataset.set_max_image_pixels(args.max_image_pixels)
     try:
         teller, problem = Storyteller(args.checkpoint, args.device), None
     except utils.UserError as err:  # still serve the page: whoever opens it is told what is wrong

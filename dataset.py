@@ -8,7 +8,6 @@ import hashlib
 import os
 import random
 import re
-import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.models import ResNet50_Weights
 
-from utils import DataError, UserError, os_error
+from utils import DataError, UserError, os_error, temp_file_beside
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 # What load_image raises for a file that is not a usable image (UnidentifiedImageError is an OSError).
@@ -205,7 +204,8 @@ def describe_image_error(path, err: Exception) -> str:
     if Path(path).is_file() and Path(path).stat().st_size == 0:
         return f"{path}: empty file (0 bytes); copy it again or remove it"
     if isinstance(err, Image.UnidentifiedImageError):
-        return f"{path}: not an image Pillow can read (JPEG, PNG, GIF, WebP, TIFF, BMP ...)"
+        return (f"{path}: not an image Pillow can read (JPEG, PNG, GIF, WebP, TIFF, BMP ...); "
+                "convert it to JPEG or PNG, or remove it")
     reason = getattr(err, "strerror", None) or str(err).strip() or type(err).__name__
     reason = reason.splitlines()[0][:200]
     if "truncated" in reason.lower():
@@ -357,7 +357,7 @@ class FeatureCache:
         tmp = None
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=self.dir)
+            fd, tmp = temp_file_beside(self.dir / f"{key}.pt")
             with os.fdopen(fd, "wb") as f:
                 torch.save(features.detach().float().cpu().clone(), f)
             os.replace(tmp, self.dir / f"{key}.pt")

@@ -82,12 +82,30 @@ def parse_device(value: str) -> str:
 
 # ----------------------------------------------------------------------------- checkpoints
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _current_umask()
+
+
+def temp_file_beside(path: Path) -> tuple[int, str]:
+    """(fd, name) of a new temporary file in path's folder, to be renamed over path. mkstemp makes
+    it private (0600); it gets the permissions open() would give path, so a shared checkpoint
+    stays readable by the others who could read the file it replaces."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~UMASK)
+    return fd, tmp
+
+
 def save_checkpoint(obj: dict, path) -> None:
     """Writes atomically: a temporary file in the same folder, flushed, then renamed over path.
     A run killed at any moment leaves either the old checkpoint or the new one, never half of one."""
     path = Path(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = temp_file_beside(path)
     except OSError as err:
         raise UserError(f"{path}: cannot write the checkpoint ({err.strerror}); choose another --out") from None
     try:
@@ -174,7 +192,7 @@ def atomic_write(path, mode: str = "w"):
     without an error: a failed or interrupted run leaves the previous file (or none), never half of one."""
     path = Path(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = temp_file_beside(path)
     except OSError as err:
         raise UserError(f"{path}: cannot write here ({err.strerror}); choose another path") from None
     try:

@@ -172,3 +172,14 @@ def test_in_chromium_upload_generate_read_and_nothing_leaves_localhost(served_ap
         finally:
             browser.close()
     assert outside == []
+
+
+def test_an_image_over_the_pixel_limit_is_a_message_naming_the_flag(teller, tmp_path, monkeypatch):
+    from PIL import Image
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # what --max-image-pixels 1000 sets
+    big = tmp_path / "upload"
+    Image.new("RGB", (100, 100)).save(big, format="PNG")  # 10,000 pixels: over twice the limit, a bomb to Pillow
+    with pytest.raises(gr.Error) as err:
+        teller.on_generate({"path": str(big), "orig_name": "big.png"}, "", "sample", 0.8, 20, 1)
+    assert err.value.message.startswith("big.png: 10000 pixels, over the limit of 1000")
+    assert "--max-image-pixels 10000" in err.value.message

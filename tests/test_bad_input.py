@@ -225,7 +225,8 @@ GENERATE_IMAGE_CASES = [  # (image, why it is refused); all given to one run, be
     ("missing.jpg", "image not found"),
     ("folder.jpg", "is a directory, not an image"),
     ("empty.jpg", "empty file (0 bytes); copy it again or remove it"),
-    ("text.jpg", "not an image Pillow can read (JPEG, PNG, GIF, WebP, TIFF, BMP ...)"),
+    ("text.jpg", "not an image Pillow can read (JPEG, PNG, GIF, WebP, TIFF, BMP ...); convert it to JPEG or PNG, "
+                 "or remove it"),
     ("cut.jpg", "truncated image file (the end is missing); copy it again or remove it"),
     ("big.png", "160000 pixels, over the limit of 100000 that guards against decompression bombs; "
                 "if you trust the file, raise it with --max-image-pixels 160000 (0 = no limit)"),

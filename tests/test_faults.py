@@ -138,3 +138,9 @@ def test_out_in_a_new_folder_is_made(tmp_path):
     out = tmp_path / "runs" / "today" / "m.pt"
     train.check_writable(out)
     assert out.parent.is_dir() and list(out.parent.iterdir()) == []  # the probe file is gone
+
+
+def test_a_saved_checkpoint_has_the_permissions_of_a_normally_written_file(tmp_path):
+    utils.save_checkpoint({"x": torch.zeros(1)}, tmp_path / "m.pt")
+    (tmp_path / "plain").write_bytes(b"")
+    assert (tmp_path / "m.pt").stat().st_mode == (tmp_path / "plain").stat().st_mode  # not mkstemp's 0600
