@@ -47,8 +47,11 @@ TARGETS = {"frozen_c_over_a": 2.5, "b_over_d": 0.9, "encoder": 2.5, "vs_recomput
 # ----------------------------------------------------------------------------- running a row
 
 def measure(fn, *args):
-    """fn(*args) in a fresh forked process: (its result, that process's peak memory in MiB)."""
-    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    """fn(*args) in a fresh process: (its result, that process's peak memory in MiB). Forked on
+    Linux for a quick start, except with CUDA, which a forked child cannot use once the parent has."""
+    device = args[1]
+    fork = sys.platform == "linux" and device.type != "cuda"
+    context = multiprocessing.get_context("fork" if fork else "spawn")
     with context.Pool(1) as pool:
         return pool.apply(_in_child, (fn, args))
 
