@@ -256,6 +256,9 @@ def build_model(args, tokenizer, styles=()):
         gpt2_weights, decoder_source = None, None  # random: nothing to reload it from, so it is stored
     else:
         gpt2 = utils.load_gpt2(args.gpt2)
+        if len(tokenizer) > gpt2.config.vocab_size:  # a token id past the embedding table would crash mid-run
+            raise UserError(f"{args.gpt2}: its tokenizer has {len(tokenizer)} tokens, more than the model's "
+                            f"{gpt2.config.vocab_size} embeddings; save the model and its own tokenizer together")
         decoder, gpt2_weights = gpt2.config, gpt2.state_dict()
         decoder_source = args.gpt2 if frozen_gpt2 else None
     clip = utils.load_clip(args.clip) if args.encoder == "clip-vit-b32" else None

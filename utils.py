@@ -336,17 +336,28 @@ def load_clip(name_or_dir: str):
 
 
 def load_gpt2_tokenizer(name_or_dir: str):
+    from huggingface_hub import constants
     from transformers import AutoTokenizer
     check_model_path(name_or_dir)
+    ways_out = OFFLINE_HINT.format(flag="--gpt2 DIR")
     try:
-        return AutoTokenizer.from_pretrained(name_or_dir, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_dir, local_files_only=True)
     except OSError:
-        pass
+        tokenizer = None
+    # A folder holding only the model's files gives an empty tokenizer, not an error; a byte-level
+    # BPE such as GPT-2's has at least its 256 byte tokens.
+    if tokenizer is not None and len(tokenizer) > 256:
+        return tokenizer
+    if Path(name_or_dir).is_dir():
+        raise UserError(f"{name_or_dir}: no GPT-2 tokenizer saved there (expected the tokenizer files that "
+                        f"save_pretrained writes); {ways_out}") from None
+    if constants.HF_HUB_OFFLINE or not _host_reachable(constants.ENDPOINT):
+        raise UserError(f"cannot load the tokenizer of {name_or_dir!r}: not in the Hugging Face cache and the hub "
+                        f"is not reachable; {ways_out}") from None
     try:
         return AutoTokenizer.from_pretrained(name_or_dir)
     except OSError:
-        raise UserError(f"cannot load the tokenizer of {name_or_dir!r}; "
-                        + OFFLINE_HINT.format(flag="--gpt2 DIR")) from None
+        raise UserError(f"cannot load the tokenizer of {name_or_dir!r}; {ways_out}") from None
 
 
 def load_resnet50_weights(encoder: torch.nn.Module, weights_file=None) -> None:

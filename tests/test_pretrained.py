@@ -1,5 +1,6 @@
 """The real (non-tiny) loading code, offline: a GPT-2 folder saved by save_pretrained and a
 ResNet-50 state_dict file, both made here; and a clear stop when weights cannot be had."""
+import pytest
 import torch
 import torchvision
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -42,3 +43,32 @@ def test_missing_weights_offline_stop_with_the_ways_out(tmp_path):
     assert "--gpt2 DIR" in result.stderr and "--preset tiny" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_an_unreachable_hub_stops_at_once_without_retries(tmp_path):
+    """Not marked offline, but the hub's name does not resolve: one line, not a minute of retries."""
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0",
+           "HF_ENDPOINT": "https://hub.invalid"}
+    result = run_script("train.py", "--out", tmp_path / "m.pt", env=env, timeout=60)
+    assert result.returncode == 2 and "Retrying" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: cannot load the tokenizer of 'gpt2': not in the Hugging Face cache and the hub is not reachable; "
+        "pass a local copy (--gpt2 DIR) or train offline with --preset tiny"]
+
+
+def test_a_gpt2_folder_without_tokenizer_files_is_named(tmp_path):
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=100)).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(utils.UserError, match=r"gpt2: no GPT-2 tokenizer saved there .*--gpt2 DIR"):
+        utils.load_gpt2_tokenizer(str(tmp_path / "gpt2"))
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused_before_training(tmp_path):
+    import train
+    stories = [line for line in (DATA / "stories.txt").read_text().splitlines() if not line.startswith("#")][:2]
+    gpt2_dir = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=100)).save_pretrained(gpt2_dir)
+    utils.train_tokenizer([s.split("\t")[1] for s in stories], vocab_size=300).save_pretrained(gpt2_dir)
+    with pytest.raises(utils.UserError, match=r"gpt2: its tokenizer has \d+ tokens, more than the model's 100"):
+        train.main(["--gpt2", str(gpt2_dir), "--stories", str(write_stories(tmp_path / "s.txt", stories)),
+                    "--images", str(DATA / "images"), "--out", str(tmp_path / "m.pt")])
+    assert not (tmp_path / "m.pt").exists()
