@@ -336,6 +336,8 @@ def load_clip(name_or_dir: str):
 
 
 def load_gpt2_tokenizer(name_or_dir: str):
+    """GPT-2's tokenizer from a save_pretrained folder, the Hugging Face cache, or the hub, with its
+    end-of-text token as padding (GPT-2 has no pad token; padding is found by the attention mask)."""
     from huggingface_hub import constants
     from transformers import AutoTokenizer
     check_model_path(name_or_dir)
@@ -346,18 +348,23 @@ def load_gpt2_tokenizer(name_or_dir: str):
         tokenizer = None
     # A folder holding only the model's files gives an empty tokenizer, not an error; a byte-level
     # BPE such as GPT-2's has at least its 256 byte tokens.
-    if tokenizer is not None and len(tokenizer) > 256:
-        return tokenizer
-    if Path(name_or_dir).is_dir():
-        raise UserError(f"{name_or_dir}: no GPT-2 tokenizer saved there (expected the tokenizer files that "
-                        f"save_pretrained writes); {ways_out}") from None
-    if constants.HF_HUB_OFFLINE or not _host_reachable(constants.ENDPOINT):
-        raise UserError(f"cannot load the tokenizer of {name_or_dir!r}: not in the Hugging Face cache and the hub "
-                        f"is not reachable; {ways_out}") from None
-    try:
-        return AutoTokenizer.from_pretrained(name_or_dir)
-    except OSError:
-        raise UserError(f"cannot load the tokenizer of {name_or_dir!r}; {ways_out}") from None
+    if tokenizer is None or len(tokenizer) <= 256:
+        if Path(name_or_dir).is_dir():
+            raise UserError(f"{name_or_dir}: no GPT-2 tokenizer saved there (expected the tokenizer files that "
+                            f"save_pretrained writes); {ways_out}")
+        if constants.HF_HUB_OFFLINE or not _host_reachable(constants.ENDPOINT):
+            raise UserError(f"cannot load the tokenizer of {name_or_dir!r}: not in the Hugging Face cache and the "
+                            f"hub is not reachable; {ways_out}")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
+        except OSError:
+            raise UserError(f"cannot load the tokenizer of {name_or_dir!r}; {ways_out}") from None
+    if tokenizer.eos_token is None:
+        raise UserError(f"{name_or_dir}: its tokenizer has no end-of-text token, which ends every story; "
+                        f"use GPT-2's tokenizer")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def load_resnet50_weights(encoder: torch.nn.Module, weights_file=None) -> None:

@@ -14,6 +14,7 @@ def test_train_and_generate_from_local_gpt2_and_resnet50_files(tmp_path):
     tokenizer = utils.train_tokenizer([s.split("\t")[1] for s in stories], vocab_size=300)
     gpt2_dir = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=64, vocab_size=len(tokenizer))).save_pretrained(gpt2_dir)
+    tokenizer.pad_token = None  # as GPT-2's own tokenizer: end-of-text but no pad token
     tokenizer.save_pretrained(gpt2_dir)
     resnet = tmp_path / "resnet50.pth"
     torch.save(torchvision.models.resnet50(weights=None).state_dict(), resnet)
