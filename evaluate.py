@@ -68,7 +68,7 @@ def main(argv=None):
     device = utils.pick_device(args.device)
     ckpt = utils.load_checkpoint(args.checkpoint)
     log_records = read_metrics_log(args.metrics_log or utils.metrics_path(args.checkpoint)) if args.curves else None
-    model, tokenizer = utils.load_model(ckpt, gpt2=args.gpt2, encoder_weights=args.encoder_weights)
+    model, tokenizer = utils.load_model(ckpt, gpt2=args.gpt2, encoder_weights=args.encoder_weights, where=args.checkpoint)
     model.to(device).eval()
     examples = dataset.read_examples(args.stories, args.images, min_side=model.config.resize_size)
     references = {}  # image -> its reference stories, in file order
@@ -201,14 +201,22 @@ def clip_score(name, images_dir, names, stories, batch_size, device, notes):
     """CLIPScore (Hessel et al., 2021): mean of 2.5 * max(cos(image, "A photo depicts " + story), 0).
     Only with CLIP weights already on this machine: nothing is downloaded."""
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+    how = f"fetch them once with `hf download {CLIP_DEFAULT}` or pass --clip DIR (a CLIPModel saved by save_pretrained)"
     try:
-        clip = CLIPModel.from_pretrained(name, local_files_only=True).to(device).eval()
+        clip, info = CLIPModel.from_pretrained(name, local_files_only=True, output_loading_info=True)
         clip_tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
         processor = AutoImageProcessor.from_pretrained(name, local_files_only=True)
     except OSError:
-        notes.append(f"CLIPScore skipped: no CLIP weights for {name!r} on this machine; fetch them once with "
-                     f"`hf download {CLIP_DEFAULT}` or pass --clip DIR (a CLIPModel saved by save_pretrained)")
+        notes.append(f"CLIPScore skipped: no CLIP weights for {name!r} on this machine; {how}")
         return None
+    except Exception as err:  # e.g. a vision tower alone, whose sizes do not fit a whole CLIPModel
+        notes.append(f"CLIPScore skipped: {name!r} is not a whole CLIP model ({str(err).splitlines()[0][:120]}); {how}")
+        return None
+    if info["missing_keys"]:  # a text tower filled with random weights would give a meaningless score
+        notes.append(f"CLIPScore skipped: {name!r} lacks {len(info['missing_keys'])} of CLIP's weights "
+                     f"(a vision tower alone?); {how}")
+        return None
+    clip = clip.to(device).eval()
     max_length = clip.config.text_config.max_position_embeddings  # CLIP reads 77 tokens: longer stories are cut
     scores = []
     for start in range(0, len(names), batch_size):

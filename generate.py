@@ -21,8 +21,9 @@ import utils
 from train import DTYPES, checked_number, non_negative_int, positive_float, positive_int
 from utils import UserError
 
-# The prefix is embeddings, not tokens, so n-gram blocking can only look at the story itself: as intended.
-warnings.filterwarnings("ignore", message="Passing `no_repeat_ngram_size` with `inputs_embeds`")
+# The prefix is embeddings, not tokens, so n-gram blocking and the repetition penalty can only look
+# at the story itself: as intended.
+warnings.filterwarnings("ignore", message="Passing `(no_repeat_ngram_size|repetition_penalty)` with `inputs_embeds`")
 
 # A story wants some surprise but stays on topic: top-k sampling, a little cooler than 1.
 DEFAULTS = dict(strategy="sample", top_k=50, top_p=1.0, temperature=0.8, num_beams=4,
@@ -88,8 +89,8 @@ def generation_config(args, tokenizer, max_new_tokens) -> GenerationConfig:
         return GenerationConfig(do_sample=True, top_k=args.top_k, top_p=args.top_p,
                                 temperature=args.temperature, **common)
     if args.strategy == "beam":
-        return GenerationConfig(do_sample=False, num_beams=max(args.num_beams, args.num_stories),
-                                early_stopping=True, **common)
+        beams = max(args.num_beams, args.num_stories)
+        return GenerationConfig(do_sample=False, num_beams=beams, early_stopping=beams > 1, **common)
     return GenerationConfig(do_sample=False, num_beams=1, **common)
 
 

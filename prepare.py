@@ -156,9 +156,19 @@ def flickr(args):
     if args.split_list:
         if not Path(args.split_list).is_file():
             raise UserError(f"{args.split_list}: split list not found")
-        keep = {line.strip() for line in Path(args.split_list).read_text(encoding="utf-8").splitlines() if line.strip()}
+        try:
+            keep = {line.strip() for line in Path(args.split_list).read_text(encoding="utf-8").splitlines() if line.strip()}
+        except UnicodeDecodeError:
+            raise UserError(f"{args.split_list}: not UTF-8 text; expected one image name per line") from None
+    try:
+        yield from flickr_captions(args.file, keep)
+    except UnicodeDecodeError as err:
+        raise UserError(f"{args.file}: not UTF-8 text (byte {err.start}); expected a Flickr8k/30k caption file") from None
+
+
+def flickr_captions(path, keep):
     problems = []
-    with open(args.file, encoding="utf-8-sig", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:
         header = f.readline()
         if header.replace(" ", "").startswith("image_name|comment_number|comment"):
             rows = pipe_rows(f, start=2)  # Flickr30k results.csv
@@ -169,9 +179,9 @@ def flickr(args):
             rows = token_rows(f)  # Flickr8k.token.txt, results_20130124.token
         for number, image, caption in rows:
             if image is None:
-                problems.append(f"{args.file}:{number}: {caption}")
+                problems.append(f"{path}:{number}: {caption}")
                 if len(problems) == MAX_PROBLEMS:
-                    problems.append(f"{args.file}: stopped after {MAX_PROBLEMS} bad lines; is it a Flickr caption file?")
+                    problems.append(f"{path}: stopped after {MAX_PROBLEMS} bad lines; is it a Flickr caption file?")
                     break
             elif keep is None or image in keep:
                 # Flickr captions come tokenized ("a dog runs ."); glue punctuation back for natural stories.

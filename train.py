@@ -260,7 +260,7 @@ def build_model(args, tokenizer, styles=()):
             raise UserError(f"{args.gpt2}: its tokenizer has {len(tokenizer)} tokens, more than the model's "
                             f"{gpt2.config.vocab_size} embeddings; save the model and its own tokenizer together")
         decoder, gpt2_weights = gpt2.config, gpt2.state_dict()
-        decoder_source = args.gpt2 if frozen_gpt2 else None
+        decoder_source = source(args.gpt2) if frozen_gpt2 else None
     clip = utils.load_clip(args.clip) if args.encoder == "clip-vit-b32" else None
     if clip is not None:
         image = clip_settings(clip.config)
@@ -280,8 +280,15 @@ def build_model(args, tokenizer, styles=()):
     if args.train_encoder or config.encoder == "resnet-tiny":
         encoder_source = None
     else:
-        encoder_source = args.clip if clip is not None else (args.encoder_weights or "imagenet")
+        encoder_source = source(args.clip) if clip is not None else source(args.encoder_weights or "imagenet")
     return model, {"encoder": encoder_source, "decoder": decoder_source}
+
+
+def source(name_or_path: str) -> str:
+    """Where generate.py reloads a frozen part from: a local file or folder as an absolute path (it
+    may run from another folder), a hub name as it is."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else name_or_path
 
 
 def clip_settings(clip_config) -> dict:
@@ -322,21 +329,26 @@ def cached_features(model, examples, args, run) -> dict | None:
     missing = [name for name in names if features[name] is None]
     if run.world_size > 1:
         dist.barrier()  # all processes have looked before any writes, so they agree on what is missing
-    mine = missing[run.rank::run.world_size]  # under torchrun each process encodes its share
-    loader = DataLoader(dataset.ImageDataset(mine, args.images, transform, config.resize_size),
-                        batch_size=args.batch_size, num_workers=args.num_workers, worker_init_fn=ignore_ctrl_c,
-                        generator=torch.Generator())  # draws nothing from the global random state
-    done = 0
-    for images in tqdm(loader, desc="encoding images", leave=False, disable=None if run.main else True):
-        with autocast(args, run.device):
-            batch = model.encode(images.to(run.device).contiguous(memory_format=torch.channels_last))  # (B, feature_dim)
-        for name, row in zip(mine[done:done + len(batch)], batch.float().cpu()):
-            cache.save(keys[name], row)
-            features[name] = row
-        done += len(batch)
+
+    def encode(todo):
+        loader = DataLoader(dataset.ImageDataset(todo, args.images, transform, config.resize_size),
+                            batch_size=args.batch_size, num_workers=args.num_workers, worker_init_fn=ignore_ctrl_c,
+                            generator=torch.Generator())  # draws nothing from the global random state
+        done = 0
+        for images in tqdm(loader, desc="encoding images", leave=False, disable=None if run.main else True):
+            with autocast(args, run.device):
+                batch = model.encode(images.to(run.device).contiguous(memory_format=torch.channels_last))  # (B, feature_dim)
+            for name, row in zip(todo[done:done + len(batch)], batch.float().cpu()):
+                cache.save(keys[name], row)
+                features[name] = row
+            done += len(batch)
+
+    encode(missing[run.rank::run.world_size])  # under torchrun each process encodes its share
     if run.world_size > 1:
         dist.barrier()  # the other processes' shares are on disk now
         features.update({name: cache.load(keys[name]) for name in missing})
+        # Machines of a multi-node run may not share a disk: what another one wrote, encode here too.
+        encode([name for name in missing if features[name] is None])
     run.log(f"feature cache: {len(names) - len(missing)} of {len(names)} images read from {cache.dir}, "
             f"{len(missing)} encoded")
     return features
@@ -384,7 +396,8 @@ def make_loaders(args, run, model, tokenizer, examples, features=None):
     sampler = EpochSampler(train_set, num_replicas=run.world_size, rank=run.rank, seed=args.seed)
     # Its own generator, so that starting an epoch draws nothing from the global random state.
     loader = DataLoader(train_set, sampler=sampler, generator=torch.Generator().manual_seed(args.seed), **common)
-    val_loader = DataLoader(val_set, **common) if val_set is not None and run.main else None
+    val_loader = (DataLoader(val_set, generator=torch.Generator().manual_seed(args.seed), **common)
+                  if val_set is not None and run.main else None)
     n_images = len({ex.image for ex in train_examples})
     run.log(f"data: {len(train_examples)} stories of {n_images} images for training, "
             f"{len(val_examples)} stories held out for validation")
@@ -485,26 +498,26 @@ class Progress:
     batches: int = 0  # batches trained on in the current epoch
 
 
-def rng_state() -> dict:
+def rng_state(device) -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":  # this process's GPU only: a resume may have fewer GPUs in the machine
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict):
+def set_rng_state(state: dict, device):
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def save(path, *, args, run, model, sources, tokenizer, optimizer, scheduler, scaler, progress, data_id):
     """Writes a checkpoint that generates stories and resumes training (rank 0 writes, atomically)."""
-    rngs = [rng_state()]
+    rngs = [rng_state(run.device)]
     if run.world_size > 1:  # every process's random state, so each one's dropout continues exactly
         rngs = [None] * run.world_size
-        dist.all_gather_object(rngs, rng_state())
+        dist.all_gather_object(rngs, rng_state(run.device))
     if not run.main:
         return
     checkpoint = {
@@ -519,7 +532,7 @@ def save(path, *, args, run, model, sources, tokenizer, optimizer, scheduler, sc
                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                   "scaler": scaler.state_dict()},
     }
-    utils.save_checkpoint(checkpoint, path)
+    utils.save_checkpoint(utils.to_cpu(checkpoint), path)  # loads on a machine without the GPU it was trained on
 
 
 def load_resume(args, run) -> dict:
@@ -546,7 +559,7 @@ def restore(ckpt, run, optimizer, scheduler, scaler) -> Progress:
     scheduler.load_state_dict(state["scheduler"])
     if state["scaler"]:
         scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"][run.rank])
+    set_rng_state(state["rng"][run.rank], run.device)
     return Progress(state["step"], state["epoch"], state["batches"])
 
 
@@ -597,7 +610,7 @@ def main(argv=None):
 
         # Data: every problem is reported before any model is built or trained.
         examples = dataset.read_examples(args.stories, args.images, min_side=args.resize_size)
-        data_id = hashlib.sha256(repr([(ex.image, ex.story) for ex in examples]).encode()).hexdigest()[:16]
+        data_id = hashlib.sha256(repr([(ex.image, ex.story, ex.style) for ex in examples]).encode()).hexdigest()[:16]
         if ckpt is not None and ckpt["train"]["data"] != data_id:
             raise UserError(f"{args.stories}: the stories changed since {args.resume} was saved; "
                             f"resume with the same data, or train again without --resume")
@@ -649,7 +662,8 @@ def main(argv=None):
             last_saved = (args.resume, progress.step)
             run.log(f"resuming {args.resume} at step {progress.step} of {total_steps}")
 
-        log = utils.MetricsLog(utils.metrics_path(args.out), append=ckpt is not None) if run.main else None
+        log = (utils.MetricsLog(utils.metrics_path(args.out), resume_step=progress.step if ckpt is not None else None)
+               if run.main else None)
         run.log(f"logging metrics to {log}")
         start = time.time()
         with StopRequest(run) as stop:

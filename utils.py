@@ -1,5 +1,6 @@
 """Shared plumbing: errors for the command line, devices, checkpoints, pretrained weights, tokenizers."""
 import json
+import math
 import os
 import re
 import socket
@@ -96,8 +97,20 @@ def temp_file_beside(path: Path) -> tuple[int, str]:
     it private (0600); it gets the permissions open() would give path, so a shared checkpoint
     stays readable by the others who could read the file it replaces."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, 0o666 & ~UMASK)
+    if hasattr(os, "fchmod"):  # not on Windows before Python 3.13, where mkstemp's mode is not private anyway
+        os.fchmod(fd, 0o666 & ~UMASK)
     return fd, tmp
+
+
+def to_cpu(obj):
+    """obj with every tensor in it (nested in dicts, lists, tuples) moved to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
 
 
 def save_checkpoint(obj: dict, path) -> None:
@@ -212,16 +225,30 @@ def metrics_path(checkpoint) -> Path:
     return Path(checkpoint).with_suffix(".metrics.jsonl")
 
 
+def _logged_step(line: str) -> float:
+    """The step of one metrics-log line; a line cut short by a kill counts as after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 class MetricsLog:
     """One JSON object per line ({"step": 12, "epoch": 1, "train_loss": 3.2, "lr": 1e-3, "time": 4.1}),
     flushed as it goes, so a crashed run keeps its curve; `evaluate.py --curves` draws it. The same
     values go to TensorBoard (runs/<name> beside the log) when tensorboard is installed.
-    append=True continues the log of a resumed run instead of starting it over."""
+    resume_step=N continues the log of a run resumed at step N: records after N (logged before a
+    kill, and trained again now) are dropped first, so each step appears once."""
 
-    def __init__(self, path, append: bool = False):
+    def __init__(self, path, resume_step: int | None = None):
         self.path = Path(path)
         try:
-            self.file = open(self.path, "a" if append else "w", encoding="utf-8")
+            if resume_step is not None and self.path.is_file():
+                kept = [line for line in self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+                        if _logged_step(line) <= resume_step]
+                with atomic_write(self.path) as f:
+                    f.writelines(kept)
+            self.file = open(self.path, "a" if resume_step is not None else "w", encoding="utf-8")
         except OSError as err:
             raise UserError(f"{self.path}: cannot write the metrics log ({err.strerror}); choose another --out") from None
         self.start = time.time()

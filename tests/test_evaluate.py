@@ -124,3 +124,11 @@ def test_clip_score_with_local_weights_and_a_note_without(tmp_path):
     assert 0 <= score <= 2.5 and notes == []
     assert evaluate.clip_score(str(tmp_path / "none"), DATA / "images", names, stories, 2, "cpu", notes) is None
     assert "CLIPScore skipped" in notes[0]
+
+    # A vision tower alone (what train.py --clip also takes) has no text tower to score with.
+    from transformers import CLIPVisionModelWithProjection
+    CLIPVisionModelWithProjection(config.vision_config).save_pretrained(tmp_path / "vision")
+    tokenizer.save_pretrained(tmp_path / "vision")
+    CLIPImageProcessor().save_pretrained(tmp_path / "vision")
+    assert evaluate.clip_score(str(tmp_path / "vision"), DATA / "images", names, stories, 2, "cpu", notes) is None
+    assert notes[1].startswith("CLIPScore skipped: ") and "--clip DIR" in notes[1]

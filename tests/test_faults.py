@@ -144,3 +144,14 @@ def test_a_saved_checkpoint_has_the_permissions_of_a_normally_written_file(tmp_p
     utils.save_checkpoint({"x": torch.zeros(1)}, tmp_path / "m.pt")
     (tmp_path / "plain").write_bytes(b"")
     assert (tmp_path / "m.pt").stat().st_mode == (tmp_path / "plain").stat().st_mode  # not mkstemp's 0600
+
+
+def test_a_resumed_runs_log_drops_the_steps_it_trains_again(tmp_path):
+    """Killed at step 6 after saving at step 4: steps 5-6 are trained again, and logged once."""
+    import json
+    path = tmp_path / "m.metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "train_loss": 1.0}) + "\n" for s in range(1, 7)) + '{"step": 7, "tr')
+    log = utils.MetricsLog(path, resume_step=4)
+    log.write(5, train_loss=0.5)
+    log.close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4, 5]

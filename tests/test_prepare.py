@@ -132,3 +132,7 @@ def test_bad_files_are_named_and_nothing_is_written(tmp_path, capsys):
         prepare.main(["flickr", str(tmp_path / "t.txt"), "--out", str(out)])
     assert [p.split(": ")[0] for p in err.value.problems] == [f"{tmp_path / 't.txt'}:2", f"{tmp_path / 't.txt'}:3"]
     assert not out.exists()
+    (tmp_path / "latin1.txt").write_bytes("a.jpg#0\tcafé au lait .\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"latin1.txt: not UTF-8 text \(byte \d+\); expected a Flickr8k/30k caption file"):
+        prepare.main(["flickr", str(tmp_path / "latin1.txt"), "--out", str(out)])
+    assert not out.exists()
