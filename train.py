@@ -280,7 +280,8 @@ def build_model(args, tokenizer, styles=()):
     if args.train_encoder or config.encoder == "resnet-tiny":
         encoder_source = None
     else:
-        encoder_source = source(args.clip) if clip is not None else source(args.encoder_weights or "imagenet")
+        encoder_source = (source(args.clip) if clip is not None
+                          else source(args.encoder_weights) if args.encoder_weights else "imagenet")
     return model, {"encoder": encoder_source, "decoder": decoder_source}
 
 
@@ -566,8 +567,9 @@ def restore(ckpt, run, optimizer, scheduler, scaler) -> Progress:
 def non_finite_loss(loss, args, progress, last_saved) -> UserError:
     kept = f"{last_saved[0]} holds step {last_saved[1]}" if last_saved else "nothing was saved"
     hint = "lower --lr" + (", or use --dtype float32" if args.dtype != "float32" else "")
-    return UserError(f"loss became {loss.item()} at step {progress.step + 1}; stopped without saving ({kept}); "
-                     f"{hint} and train again")
+    # Under torchrun the bad loss may be another process's: this one's can be finite.
+    what = f"loss became {loss.item()}" if not torch.isfinite(loss) else "loss became non-finite on another process"
+    return UserError(f"{what} at step {progress.step + 1}; stopped without saving ({kept}); {hint} and train again")
 
 
 def resume_command(argv, out, world_size) -> str:
