@@ -693,6 +693,8 @@ def main(argv=None):
                     if stopping or (args.save_every and progress.step % args.save_every == 0):
                         save_here(args.out, progress=progress)
                         last_saved = (args.out, progress.step)
+                        if log:
+                            log.saved()
                     if stopping:
                         bar.close()
                         if log:
@@ -714,6 +716,8 @@ def main(argv=None):
             log.close()
 
         save_here(args.out, progress=progress)
+        if log:
+            log.saved()
         stored = [k for k, v in sources.items() if v is None] + ["LoRA adapters"] * bool(args.lora and sources["decoder"])
         stored += ["mapper"] + ["style embeddings"] * bool(model.config.styles)
         if run.main:

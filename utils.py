@@ -238,17 +238,23 @@ class MetricsLog:
     flushed as it goes, so a crashed run keeps its curve; `evaluate.py --curves` draws it. The same
     values go to TensorBoard (runs/<name> beside the log) when tensorboard is installed.
     resume_step=N continues the log of a run resumed at step N: records after N (logged before a
-    kill, and trained again now) are dropped first, so each step appears once."""
+    kill, and trained again now) are dropped first, so each step appears once.
+
+    A new run over an existing log writes .NAME.new beside it until saved() says its first
+    checkpoint is written: the previous checkpoint keeps its own curve until it is replaced."""
 
     def __init__(self, path, resume_step: int | None = None):
         self.path = Path(path)
+        self.pending = None
         try:
             if resume_step is not None and self.path.is_file():
                 kept = [line for line in self.path.read_text(encoding="utf-8").splitlines(keepends=True)
                         if _logged_step(line) <= resume_step]
                 with atomic_write(self.path) as f:
                     f.writelines(kept)
-            self.file = open(self.path, "a" if resume_step is not None else "w", encoding="utf-8")
+            elif resume_step is None and self.path.exists():
+                self.pending = self.path.with_name(f".{self.path.name}.new")
+            self.file = open(self.pending or self.path, "a" if resume_step is not None else "w", encoding="utf-8")
         except OSError as err:
             raise UserError(f"{self.path}: cannot write the metrics log ({err.strerror}); choose another --out") from None
         self.start = time.time()
@@ -266,6 +272,12 @@ class MetricsLog:
             for key, value in values.items():
                 if key != "epoch" and isinstance(value, (int, float)):
                     self.tensorboard.add_scalar(key, value, step)
+
+    def saved(self) -> None:
+        """The run's checkpoint is written: from now on this is its log."""
+        if self.pending is not None:
+            os.replace(self.pending, self.path)  # the open file keeps writing to it under its new name
+            self.pending = None
 
     def close(self) -> None:
         self.file.close()

@@ -155,3 +155,20 @@ def test_a_resumed_runs_log_drops_the_steps_it_trains_again(tmp_path):
     log.write(5, train_loss=0.5)
     log.close()
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4, 5]
+
+
+def test_a_new_run_replaces_the_previous_log_only_when_it_replaces_the_checkpoint(tmp_path):
+    import json
+    path = tmp_path / "m.metrics.jsonl"
+    path.write_text('{"step": 1, "train_loss": 9.0}\n')
+    failed = utils.MetricsLog(path)  # a new run that dies before its first save
+    failed.write(1, train_loss=1.0)
+    failed.close()
+    assert path.read_text() == '{"step": 1, "train_loss": 9.0}\n'
+    saved = utils.MetricsLog(path)
+    saved.write(1, train_loss=2.0)
+    saved.saved()
+    saved.write(2, train_loss=1.5)  # still written after the rename
+    saved.close()
+    assert [json.loads(line)["train_loss"] for line in path.read_text().splitlines()] == [2.0, 1.5]
+    assert not (tmp_path / ".m.metrics.jsonl.new").exists()
