@@ -1,4 +1,4 @@
-"""Draws the sample scenes in data/images/ and writes data/stories.txt.
+"""Draws the sample scenes in data/images/ and writes their lines of data/stories.txt.
 
 The sample data is synthetic so that it can ship with the repo under CC0: each scene
 is a sky (day, sunset or night), a ground (grass, sea, snow or sand) and one object,
@@ -125,8 +125,12 @@ def main():
         draw_scene(sky, ground, thing, rng).save(images / name, quality=90)
         for _ in range(2):
             lines.append(f"{name}\t{story(sky, ground, thing, rng)}")
-    (HERE / "stories.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print(f"wrote {len(scenes)} images and {len(lines) - 1} stories to {HERE}")
+    # The real photos' lines (see data/README.md) are kept as they are, after the drawn scenes.
+    stories = HERE / "stories.txt"
+    old = stories.read_text(encoding="utf-8").splitlines() if stories.exists() else []
+    photos = old[next((i for i, line in enumerate(old) if line.startswith("# real photos")), len(old)):]
+    stories.write_text("\n".join(lines + photos) + "\n", encoding="utf-8")
+    print(f"wrote {len(scenes)} images and {len(lines) - 1} stories to {HERE}; kept {len(photos)} lines of real photos")
 
 
 if __name__ == "__main__":
