@@ -302,6 +302,14 @@ def _host_reachable(url: str) -> bool:
 OFFLINE_HINT = "pass a local copy ({flag}) or train offline with --preset tiny"
 
 
+def _check_hub(what: str, name: str, ways_out: str) -> None:
+    """Before a download: one line at once, not minutes of retries, when the hub cannot be reached."""
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE or not _host_reachable(constants.ENDPOINT):
+        raise UserError(f"cannot load {what} {name!r}: not in the Hugging Face cache and the hub is not "
+                        f"reachable; {ways_out}")
+
+
 def check_model_path(name_or_dir: str, what: str = "GPT-2", flag: str = "--gpt2") -> None:
     """A value that is clearly a path must be a folder: never ask the hub for '/data/gpt2'."""
     path = Path(name_or_dir).expanduser()
@@ -316,7 +324,6 @@ def _from_pretrained(cls, name_or_dir: str, what: str, flag: str, ways_out: str)
     """cls.from_pretrained from a local save_pretrained folder, the Hugging Face cache, or the hub.
     One-line UserErrors naming ways_out when none of those has it, and when the files lack weights
     the model needs (transformers would fill them with random values and only warn)."""
-    from huggingface_hub import constants
     from transformers.utils import logging as hf_logging
     check_model_path(name_or_dir, what, flag)
 
@@ -342,9 +349,7 @@ def _from_pretrained(cls, name_or_dir: str, what: str, flag: str, ways_out: str)
         if local:
             raise UserError(f"{name_or_dir}: no {what} model saved there (expected config.json and weights "
                             f"from save_pretrained)") from None
-        if constants.HF_HUB_OFFLINE or not _host_reachable(constants.ENDPOINT):
-            raise UserError(f"cannot load {what} {name_or_dir!r}: not in the Hugging Face cache and the hub is not "
-                            f"reachable; {ways_out}") from None
+        _check_hub(what, name_or_dir, ways_out)
         try:
             model, info = load(local_files_only=False)
         except OSError as err:
@@ -377,7 +382,6 @@ def load_clip(name_or_dir: str):
 def load_gpt2_tokenizer(name_or_dir: str):
     """GPT-2's tokenizer from a save_pretrained folder, the Hugging Face cache, or the hub, with its
     end-of-text token as padding (GPT-2 has no pad token; padding is found by the attention mask)."""
-    from huggingface_hub import constants
     from transformers import AutoTokenizer
     check_model_path(name_or_dir)
     ways_out = OFFLINE_HINT.format(flag="--gpt2 DIR")
@@ -391,9 +395,7 @@ def load_gpt2_tokenizer(name_or_dir: str):
         if Path(name_or_dir).is_dir():
             raise UserError(f"{name_or_dir}: no GPT-2 tokenizer saved there (expected the tokenizer files that "
                             f"save_pretrained writes); {ways_out}")
-        if constants.HF_HUB_OFFLINE or not _host_reachable(constants.ENDPOINT):
-            raise UserError(f"cannot load the tokenizer of {name_or_dir!r}: not in the Hugging Face cache and the "
-                            f"hub is not reachable; {ways_out}")
+        _check_hub("the tokenizer of", name_or_dir, ways_out)
         try:
             tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
         except OSError:
