@@ -56,8 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=positive_int, default=16,
                    help="images per generate call and stories per scoring pass (default: %(default)s)")
     p.add_argument("--device", type=utils.parse_device, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--gpt2", help="where to load a frozen GPT-2 from, if not where training took it")
-    p.add_argument("--encoder-weights", help="ResNet-50 state_dict file, if the encoder was frozen and is not in torchvision's cache")
+    p.add_argument("--decoder", "--gpt2", dest="decoder",
+                   help="where to load a frozen decoder from (a hub name or folder), if not where training took it")
+    p.add_argument("--encoder-weights", help="state_dict file of a frozen ResNet-50 or timm encoder, if not where training took it")
     args = p.parse_args(argv)
     generate.check_decoding_args(p, args)
     return args
@@ -68,7 +69,7 @@ def main(argv=None):
     device = utils.pick_device(args.device)
     ckpt = utils.load_checkpoint(args.checkpoint)
     log_records = read_metrics_log(args.metrics_log or utils.metrics_path(args.checkpoint)) if args.curves else None
-    model, tokenizer = utils.load_model(ckpt, gpt2=args.gpt2, encoder_weights=args.encoder_weights, where=args.checkpoint)
+    model, tokenizer = utils.load_model(ckpt, decoder=args.decoder, encoder_weights=args.encoder_weights, where=args.checkpoint)
     model.to(device).eval()
     examples = dataset.read_examples(args.stories, args.images, min_side=model.config.resize_size)
     references = {}  # image -> its reference stories, in file order

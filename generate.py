@@ -18,6 +18,7 @@ from transformers import GenerationConfig
 
 import dataset
 import utils
+from model import decoder_sizes
 from train import DTYPES, checked_number, non_negative_int, positive_float, positive_int
 from utils import UserError
 
@@ -71,8 +72,10 @@ def parse_args(argv=None):
                    help="precision of the weights while generating: bfloat16 halves the memory and is faster on "
                         "GPUs and on CPUs with AMX or AVX512-BF16 (default: %(default)s)")
     p.add_argument("--device", type=utils.parse_device, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--gpt2", help="where to load a frozen GPT-2 from, if not where training took it")
-    p.add_argument("--encoder-weights", help="ResNet-50 state_dict file, if the encoder was frozen and is not in torchvision's cache")
+    p.add_argument("--decoder", "--gpt2", dest="decoder",
+                   help="where to load a frozen decoder from (a hub name or folder), if not where training took it")
+    p.add_argument("--encoder-weights", help="state_dict file of a frozen ResNet-50 or timm encoder, if not where "
+                                              "training took it (the library's cache or download)")
     p.add_argument("--clip", help="where to load a frozen CLIP encoder from, if not where training took it")
     p.add_argument("--max-image-pixels", type=non_negative_int,
                    help="refuse larger images, a guard against decompression bombs; 0 = no limit (default: Pillow's, about 89 million)")
@@ -95,8 +98,8 @@ def generation_config(args, tokenizer, max_new_tokens) -> GenerationConfig:
 
 
 def story_room(model) -> int:
-    """Story tokens that fit in GPT-2's context after the prefix: the most --max-new-tokens can give."""
-    return model.decoder.config.n_positions - model.config.prefix_tokens
+    """Story tokens that fit in the decoder's context after the prefix: the most --max-new-tokens can give."""
+    return decoder_sizes(model.decoder.config)[2] - model.config.prefix_tokens
 
 
 def style_id(config, style: str | None) -> int:
@@ -159,7 +162,7 @@ def main(argv=None):
     dataset.set_max_image_pixels(args.max_image_pixels)
     paths = image_paths(args)
     ckpt = utils.load_checkpoint(args.checkpoint)
-    model, tokenizer = utils.load_model(ckpt, gpt2=args.gpt2, encoder_weights=args.encoder_weights, clip=args.clip,
+    model, tokenizer = utils.load_model(ckpt, decoder=args.decoder, encoder_weights=args.encoder_weights, clip=args.clip,
                                         where=args.checkpoint)
     model.to(device, DTYPES[args.dtype]).eval()
     model.encoder.to(memory_format=torch.channels_last)

@@ -1,8 +1,9 @@
-"""Image-to-story model: image encoder -> mapper -> GPT-2 prefix (the ClipCap idea).
+"""Image-to-story model: image encoder -> mapper -> language-model prefix (the ClipCap idea).
 
-Pure torch.nn: no file paths, no downloads, no printing. Pretrained weights are loaded
-into these modules by utils.py; the checkpoint stores StoryConfig, so a saved model is
-rebuilt from its checkpoint alone.
+The encoder is torchvision's ResNet-50, CLIP's vision tower or any timm model; the decoder is any
+transformers causal LM (GPT-2 by default, Llama, Qwen2, OPT, ...). Pure torch.nn: no file paths, no
+downloads, no printing. Pretrained weights are loaded into these modules by utils.py; the checkpoint
+stores StoryConfig, so a saved model is rebuilt from its checkpoint alone.
 """
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -11,11 +12,13 @@ import torch
 import torch.nn as nn
 import torchvision
 from torchvision.models.resnet import BasicBlock, ResNet
-from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, GPT2Config, GPT2LMHeadModel
+from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModelWithProjection
+from transformers.pytorch_utils import Conv1D
 
-# Pooled feature size of each ResNet this file can build; a CLIP's is in its config.
+# Pooled feature size of each ResNet this file can build; a CLIP's or a timm model's is in encoder_config.
 FEATURE_DIMS = {"resnet50": 2048, "resnet-tiny": 512}
-ENCODERS = [*FEATURE_DIMS, "clip-vit-b32"]
+ENCODERS = [*FEATURE_DIMS, "clip-vit-b32", "timm:NAME"]
+TIMM = "timm:"  # prefix of a timm encoder's name: timm:convnext_tiny
 MAPPERS = ["linear", "mlp", "transformer"]
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -23,7 +26,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 @dataclass
 class StoryConfig:
     encoder: str = "resnet50"  # one of ENCODERS
-    encoder_config: dict = field(default_factory=dict)  # CLIPVisionConfig.to_dict() of a CLIP encoder
+    encoder_config: dict = field(default_factory=dict)  # CLIP: CLIPVisionConfig.to_dict(); timm: {"num_features": N}
     image_size: int = 224  # side of the centre crop the encoder sees
     resize_size: int = 232  # shorter side before the crop (ResNet50_Weights.IMAGENET1K_V2)
     interpolation: str = "bilinear"  # of that resize: torchvision's InterpolationMode value (CLIP: bicubic)
@@ -33,16 +36,21 @@ class StoryConfig:
     feature_norm: bool = False  # LayerNorm the pooled features before the mapper
     mapper: str = "linear"  # one of MAPPERS
     mapper_layers: int = 8  # transformer mapper depth (ClipCap's default)
-    decoder: dict = field(default_factory=dict)  # GPT2Config.to_dict() of the decoder
-    lora: dict | None = None  # peft LoraConfig arguments when GPT-2 is fine-tuned through LoRA adapters
+    decoder: dict = field(default_factory=dict)  # the decoder's transformers config.to_dict() (has its model_type)
+    # RMS the prefix vectors are normalised to at the start of training: the decoder's token-embedding RMS,
+    # so the prefix lands on the scale of the words it stands in for. None: the mapper's output as it is.
+    prefix_scale: float | None = None
+    lora: dict | None = None  # peft LoraConfig arguments when the decoder is fine-tuned through LoRA adapters
     styles: list = field(default_factory=list)  # story styles the model was trained with, sorted
     train_encoder: bool = False
-    train_decoder: bool = True  # the whole GPT-2 (False with LoRA: only the adapters train)
+    train_decoder: bool = True  # the whole decoder (False with LoRA: only the adapters train)
 
     @property
     def feature_dim(self) -> int:
         if self.encoder == "clip-vit-b32":
             return self.encoder_config["projection_dim"]
+        if self.encoder.startswith(TIMM):
+            return self.encoder_config["num_features"]
         return FEATURE_DIMS[self.encoder]
 
     @property
@@ -84,6 +92,10 @@ def build_encoder(name: str, encoder_config: dict) -> nn.Module:
     """An image encoder without classifier: images (B, 3, H, W) -> (B, feature_dim)."""
     if name == "clip-vit-b32":
         return CLIPImageEncoder(encoder_config)
+    if name.startswith(TIMM):
+        import timm  # here: only timm encoders need it
+        # num_classes=0 drops the classifier: forward gives the pooled (pre-logits) features.
+        return timm.create_model(name.removeprefix(TIMM), pretrained=False, num_classes=0)
     if name == "resnet50":
         net = torchvision.models.resnet50(weights=None)
     elif name == "resnet-tiny":
@@ -115,6 +127,20 @@ class TransformerMapper(nn.Module):
         return self.transformer(torch.cat([x, queries], dim=1))[:, self.prefix_length:]  # (B, P, E)
 
 
+def decoder_config(d: dict):
+    """The transformers config of any causal LM from its to_dict() (GPT2Config, LlamaConfig, ...)."""
+    d = dict(d)
+    return AutoConfig.for_model(d.pop("model_type"), **d)
+
+
+def decoder_sizes(config) -> tuple[int, int, int]:
+    """(hidden size, attention heads, context length) of any causal LM's config: the one place that
+    reads them. transformers maps the standard names onto each model's own (GPT-2's n_embd, n_head,
+    n_positions). A config that states no context length (some rotary models) gets 2048."""
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_ctx", None) or 2048
+    return config.hidden_size, config.num_attention_heads, context
+
+
 def build_mapper(config: "StoryConfig", n_embd: int, n_head: int) -> nn.Module:
     """features (B, feature_dim) -> prefix_length * n_embd numbers per image (prefix() shapes them):
     a linear layer, or one of ClipCap's two mappers, an MLP or a transformer."""
@@ -130,29 +156,41 @@ def build_mapper(config: "StoryConfig", n_embd: int, n_head: int) -> nn.Module:
 
 class StoryModel(nn.Module):
     def __init__(self, config: StoryConfig, decoder_weights: dict | None = None):
-        """decoder_weights: a pretrained GPT-2 state_dict, loaded before LoRA adapters wrap GPT-2
+        """decoder_weights: a pretrained decoder's state_dict, loaded before LoRA adapters wrap it
         (peft renames the layers it wraps, so base weights go in first)."""
         super().__init__()
         self.config = config
         self.encoder = build_encoder(config.encoder, config.encoder_config)
-        decoder = GPT2LMHeadModel(GPT2Config.from_dict(config.decoder))
+        # float32 whatever dtype the config was saved in (from_config would follow it); --dtype casts later.
+        decoder = AutoModelForCausalLM.from_config(decoder_config(config.decoder), dtype=torch.float32)
         decoder.loss_type = "ForCausalLM"  # say it, or transformers warns that it guessed
         if decoder_weights is not None:
             decoder.load_state_dict(decoder_weights)
         decoder.requires_grad_(config.train_decoder)
         if config.lora:
             from peft import LoraConfig, get_peft_model  # here: importing peft takes seconds, and only LoRA needs it
+            lora = dict(config.lora)
+            # GPT-2's layers are transformers' Conv1D, whose weight is stored (in, out): fan_in_fan_out says so.
+            lora.setdefault("fan_in_fan_out", any(isinstance(module, Conv1D) for name, module in decoder.named_modules()
+                                                  if name.rsplit(".", 1)[-1] in lora["target_modules"]))
             with warnings.catch_warnings():  # peft calls a transformers name deprecated in v5; nothing to act on
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-                decoder = get_peft_model(decoder, LoraConfig(**config.lora))  # only the adapters train
+                decoder = get_peft_model(decoder, LoraConfig(**lora))  # only the adapters train
         self.decoder = decoder
-        n_embd, n_head = decoder.config.n_embd, decoder.config.n_head
+        n_embd, n_head, _ = decoder_sizes(decoder.config)
         # Random or unusual encoders give features of any scale; a LayerNorm evens them out.
         self.feature_norm = nn.LayerNorm(config.feature_dim) if config.feature_norm else nn.Identity()
         self.mapper = build_mapper(config, n_embd, n_head)
         # Style control: one learned embedding per style, appended to the prefix; row 0 is "no style".
-        # It trains with the mapper, so it works with a frozen or LoRA-tuned GPT-2 and any tokenizer.
+        # It trains with the mapper, so it works with a frozen or LoRA-tuned decoder and any tokenizer.
         self.style = nn.Embedding(len(config.styles) + 1, n_embd) if config.styles else None
+        # A frozen pretrained decoder reads the prefix as if it were words: an RMSNorm whose gain starts
+        # at the token embeddings' RMS puts every prefix vector (and the style's) on their scale from step
+        # one, where a raw linear mapper is off by 10x or more (README, "Encoders and decoders").
+        self.prefix_norm = None
+        if config.prefix_scale is not None:
+            self.prefix_norm = nn.RMSNorm(n_embd, eps=1e-6)
+            nn.init.constant_(self.prefix_norm.weight, config.prefix_scale)
         self.encoder.requires_grad_(config.train_encoder)
 
     def train(self, mode: bool = True):
@@ -178,6 +216,8 @@ class StoryModel(nn.Module):
             if style_ids is None:
                 style_ids = torch.zeros(B, dtype=torch.long, device=prefix.device)
             prefix = torch.cat([prefix, self.style(style_ids)[:, None].to(prefix.dtype)], dim=1)  # (B, P+1, E)
+        if self.prefix_norm is not None:
+            prefix = self.prefix_norm(prefix)
         return prefix
 
     def forward(self, input_ids, attention_mask, images=None, features=None, style_ids=None):

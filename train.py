@@ -3,6 +3,7 @@
     python train.py                              # ResNet-50 + GPT-2 small, pretrained weights
     python train.py --preset tiny                # toy sizes, random weights, fully offline (about a minute on CPU)
     python train.py --encoder clip-vit-b32 --mapper transformer --lora    # CLIP, ClipCap's mapper, LoRA
+    python train.py --encoder timm:convnext_tiny --decoder HuggingFaceTB/SmolLM2-135M --freeze-decoder
     torchrun --nproc_per_node=4 train.py ...     # data-parallel: 4 GPUs (nccl), or 4 CPU processes (gloo)
     python train.py ... --resume vlm_model.pt    # continue a run stopped with Ctrl-C (it saves on the way out)
 """
@@ -33,7 +34,7 @@ from transformers import GPT2Config, get_cosine_schedule_with_warmup
 
 import dataset
 import utils
-from model import MAPPERS, StoryConfig, StoryModel
+from model import MAPPERS, TIMM, StoryConfig, StoryModel, decoder_sizes
 from utils import UserError
 
 # Defaults that depend on the preset; a flag given on the command line wins.
@@ -48,9 +49,11 @@ PRESETS = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Settings that shape the result: a resumed run must use the same ones as the run that saved it.
 RESUME_MUST_MATCH = ("preset", "epochs", "batch_size", "grad_accum", "lr", "weight_decay", "warmup", "grad_clip",
-                     "prefix_length", "feature_norm", "encoder", "clip", "mapper", "mapper_layers", "freeze_gpt2",
-                     "lora", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "train_encoder", "gpt2",
-                     "encoder_weights", "val_split", "seed")
+                     "prefix_length", "feature_norm", "prefix_norm", "encoder", "clip", "mapper", "mapper_layers",
+                     "freeze_decoder", "lora", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets",
+                     "train_encoder", "decoder", "encoder_weights", "val_split", "seed")
+# What the settings were called in checkpoints saved before the decoder could be any causal LM.
+OLD_NAMES = {"decoder": "gpt2", "freeze_decoder": "freeze_gpt2"}
 
 
 def checked_number(kind, value, ok, allowed):
@@ -84,14 +87,18 @@ def fraction(value):
     return checked_number(float, value, lambda x: 0 <= x < 1, "in [0, 1)")
 
 
-LORA_TARGETS = ["c_attn", "c_proj", "c_fc"]  # GPT-2's attention q/k/v, attention and MLP outputs, MLP input
-
-
 def lora_targets(value):
+    """Module names of the decoder (checked against it once it is loaded): c_attn for GPT-2, q_proj,v_proj for Llama."""
     names = [n.strip() for n in value.split(",") if n.strip()]
-    if not names or set(names) - set(LORA_TARGETS):
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list from {', '.join(LORA_TARGETS)}, got {value!r}")
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of the decoder's layer names, got {value!r}")
     return sorted(set(names))
+
+
+def encoder_name(value):
+    if value in ("resnet50", "clip-vit-b32") or (value.startswith(TIMM) and len(value) > len(TIMM)):
+        return value
+    raise argparse.ArgumentTypeError(f"expected resnet50, clip-vit-b32 or timm:NAME (e.g. timm:convnext_tiny), got {value!r}")
 
 
 def parse_args(argv=None):
@@ -100,7 +107,8 @@ def parse_args(argv=None):
     p.add_argument("--stories", default="data/stories.txt", help="image_name<TAB>story lines (default: %(default)s)")
     p.add_argument("--out", default="vlm_model.pt", help="checkpoint to write (default: %(default)s)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="gpt2",
-                   help="gpt2: ResNet-50 + GPT-2 small, pretrained; tiny: toy sizes, random weights, offline")
+                   help="gpt2: pretrained encoder and decoder (ResNet-50 + GPT-2 small unless --encoder/--decoder "
+                        "say otherwise); tiny: toy sizes, random weights, offline")
     p.add_argument("--epochs", type=positive_int, help="passes over the data (gpt2: 10, tiny: 40)")
     p.add_argument("--batch-size", type=positive_int, help="stories per step and process (default: 16)")
     p.add_argument("--grad-accum", type=positive_int, default=1,
@@ -115,27 +123,37 @@ def parse_args(argv=None):
                    help="prefix embeddings the mapper makes from an image (default: %(default)s)")
     p.add_argument("--feature-norm", action=argparse.BooleanOptionalAction,
                    help="LayerNorm the image features before the mapper (default: on for tiny, off for gpt2)")
-    p.add_argument("--encoder", choices=["resnet50", "clip-vit-b32"], default="resnet50",
+    p.add_argument("--prefix-norm", action=argparse.BooleanOptionalAction,
+                   help="RMS-normalise the prefix to the decoder's token-embedding scale, with a learned gain "
+                        "(default: on for a pretrained decoder, off for tiny)")
+    p.add_argument("--encoder", type=encoder_name, default="resnet50",
                    help="resnet50: torchvision's ImageNet ResNet-50 (a small random ResNet with --preset tiny); "
-                        "clip-vit-b32: CLIP's vision tower through transformers, frozen (default: %(default)s)")
+                        "clip-vit-b32: CLIP's vision tower through transformers, frozen; timm:NAME: any timm "
+                        "model, pretrained the way timm gets it or from --encoder-weights (default: %(default)s)")
     p.add_argument("--clip", default="openai/clip-vit-base-patch32",
                    help="the CLIP for --encoder clip-vit-b32: a hub name or a save_pretrained folder (default: %(default)s)")
     p.add_argument("--mapper", choices=MAPPERS, default="linear",
                    help="features -> prefix: linear, mlp (ClipCap's Linear-Tanh-Linear) or transformer "
                         "(ClipCap's transformer with learned constant queries) (default: %(default)s)")
     p.add_argument("--mapper-layers", type=positive_int, default=8, help="layers of the transformer mapper (default: %(default)s)")
-    p.add_argument("--freeze-gpt2", action="store_true", help="train the mapper only; GPT-2 stays as loaded")
+    p.add_argument("--freeze-decoder", "--freeze-gpt2", dest="freeze_decoder", action="store_true",
+                   help="train the mapper only; the decoder stays as loaded and is not stored in the checkpoint")
     p.add_argument("--lora", action="store_true",
-                   help="fine-tune GPT-2 through LoRA adapters (peft): only the adapters and the mapper train and are saved")
+                   help="fine-tune the decoder through LoRA adapters (peft): only the adapters and the mapper train "
+                        "and are saved")
     p.add_argument("--lora-rank", type=positive_int, default=8, help="rank of each LoRA adapter (default: %(default)s)")
     p.add_argument("--lora-alpha", type=positive_float, default=16, help="LoRA scaling: updates are scaled by alpha/rank (default: %(default)s)")
     p.add_argument("--lora-dropout", type=fraction, default=0.05, help="dropout on the adapters' input (default: %(default)s)")
-    p.add_argument("--lora-targets", type=lora_targets, default="c_attn",
-                   help=f"comma-separated GPT-2 layers that get adapters, from {', '.join(LORA_TARGETS)} (default: %(default)s)")
+    p.add_argument("--lora-targets", type=lora_targets,
+                   help="comma-separated names of the decoder's layers that get adapters (default: peft's for the "
+                        "architecture: c_attn for GPT-2, q_proj,v_proj for Llama, Qwen2 and OPT)")
     p.add_argument("--train-encoder", action=argparse.BooleanOptionalAction,
                    help="fine-tune the image encoder (default: on for tiny, whose encoder starts random; off for gpt2)")
-    p.add_argument("--gpt2", default="gpt2", help="GPT-2 to start from: a hub name or a save_pretrained folder (default: %(default)s)")
-    p.add_argument("--encoder-weights", help="ResNet-50 state_dict file to use instead of torchvision's ImageNet download")
+    p.add_argument("--decoder", "--gpt2", dest="decoder", default="gpt2",
+                   help="causal LM to start from, with its tokenizer: a hub name (gpt2, distilgpt2, "
+                        "HuggingFaceTB/SmolLM2-135M, ...) or a save_pretrained folder (default: %(default)s)")
+    p.add_argument("--encoder-weights", help="state_dict file of the ResNet-50 or timm encoder, instead of the "
+                                              "library's own pretrained download")
     p.add_argument("--val-split", type=fraction, default=0.1,
                    help="fraction of the images held out for validation; 0 turns it off (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed repeats a CPU run exactly (default: %(default)s)")
@@ -158,8 +176,10 @@ def parse_args(argv=None):
                    help="continue the run that saved FILE: weights, optimizer, schedule, step, data position and "
                         "random state (give the same settings)")
     args = p.parse_args(argv)
-    if args.lora and args.freeze_gpt2:
-        p.error("--lora trains adapters inside GPT-2, --freeze-gpt2 trains none of it: choose one")
+    if args.lora and args.freeze_decoder:
+        p.error("--lora trains adapters inside the decoder, --freeze-decoder trains none of it: choose one")
+    if args.encoder_weights and args.encoder == "clip-vit-b32":
+        p.error("--encoder-weights is for resnet50 and timm encoders; a CLIP comes from --clip")
     if args.encoder == "clip-vit-b32":
         # A pretrained CLIP stays frozen unless asked; its crop size comes from its config when it is
         # loaded, and images are decoded at least this large meanwhile.
@@ -170,6 +190,8 @@ def parse_args(argv=None):
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if args.prefix_norm is None:
+        args.prefix_norm = args.preset != "tiny"
     return args
 
 
@@ -225,7 +247,7 @@ def out_of_memory_advice(args, run) -> UserError:
         hint = (f"try --batch-size {smaller} --grad-accum {args.grad_accum * 2} (the same batch in smaller pieces)"
                 + (", or --dtype bfloat16" if args.dtype == "float32" else ""))
     else:
-        hint = "try --dtype bfloat16, --freeze-gpt2 or a smaller --gpt2"
+        hint = "try --dtype bfloat16, --freeze-decoder or a smaller --decoder"
     return UserError(f"out of memory on {run.device} with --batch-size {args.batch_size}; {hint}")
 
 
@@ -246,43 +268,72 @@ def to_device(batch: dict, device) -> dict:
 # ----------------------------------------------------------------------------- model and data
 
 def build_model(args, tokenizer, styles=()):
-    """A new model for the chosen preset, encoder, mapper and LoRA, and where its frozen pretrained
-    parts are reloaded from (None: the checkpoint stores them)."""
-    frozen_gpt2 = args.freeze_gpt2 or args.lora  # with LoRA the base stays as loaded, only adapters train
+    """A new model for the chosen preset, encoder, decoder, mapper and LoRA, and where its frozen
+    pretrained parts are reloaded from (None: the checkpoint stores them)."""
+    frozen_decoder = args.freeze_decoder or args.lora  # with LoRA the base stays as loaded, only adapters train
     if args.preset == "tiny":
         decoder = GPT2Config(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
                              n_positions=args.n_positions, vocab_size=len(tokenizer),
                              bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-        gpt2_weights, decoder_source = None, None  # random: nothing to reload it from, so it is stored
+        decoder_weights, decoder_source, embeddings = None, None, None  # random: stored in the checkpoint
     else:
-        gpt2 = utils.load_gpt2(args.gpt2)
-        if len(tokenizer) > gpt2.config.vocab_size:  # a token id past the embedding table would crash mid-run
-            raise UserError(f"{args.gpt2}: its tokenizer has {len(tokenizer)} tokens, more than the model's "
-                            f"{gpt2.config.vocab_size} embeddings; save the model and its own tokenizer together")
-        decoder, gpt2_weights = gpt2.config, gpt2.state_dict()
-        decoder_source = source(args.gpt2) if frozen_gpt2 else None
+        lm = utils.load_decoder(args.decoder)
+        if len(tokenizer) > lm.config.vocab_size:  # a token id past the embedding table would crash mid-run
+            raise UserError(f"{args.decoder}: its tokenizer has {len(tokenizer)} tokens, more than the model's "
+                            f"{lm.config.vocab_size} embeddings; save the model and its own tokenizer together")
+        decoder, decoder_weights = lm.config, lm.state_dict()
+        decoder_source = source(args.decoder) if frozen_decoder else None
+        embeddings = lm.get_input_embeddings().weight.detach()
     clip = utils.load_clip(args.clip) if args.encoder == "clip-vit-b32" else None
     if clip is not None:
         image = clip_settings(clip.config)
+    elif args.encoder.startswith(TIMM):
+        utils.check_timm_name(args.encoder.removeprefix(TIMM))
+        image = timm_settings(args.encoder)
     else:
         image = dict(encoder="resnet-tiny" if args.preset == "tiny" else "resnet50",
                      image_size=args.image_size, resize_size=args.resize_size)
+    # The RMS of the words the prefix stands in for, over the rows of tokens the tokenizer can make.
+    prefix_scale = None
+    if args.prefix_norm:
+        rows = embeddings[:len(tokenizer)] if embeddings is not None else None
+        prefix_scale = rows.pow(2).mean().sqrt().item() if rows is not None else decoder.initializer_range
     config = StoryConfig(**image, prefix_length=args.prefix_length, feature_norm=args.feature_norm,
-                         mapper=args.mapper, mapper_layers=args.mapper_layers, decoder=decoder.to_dict(),
-                         lora=lora_config(args), styles=list(styles),
-                         train_encoder=args.train_encoder, train_decoder=not frozen_gpt2)
-    model = StoryModel(config, decoder_weights=gpt2_weights)
+                         prefix_scale=prefix_scale, mapper=args.mapper, mapper_layers=args.mapper_layers,
+                         decoder=decoder.to_dict(), lora=lora_config(args, decoder), styles=list(styles),
+                         train_encoder=args.train_encoder, train_decoder=not frozen_decoder)
+    model = StoryModel(config, decoder_weights=decoder_weights)
     if clip is not None:
         model.encoder.clip.load_state_dict(clip.state_dict())
-    elif config.encoder == "resnet50":
-        utils.load_resnet50_weights(model.encoder, args.encoder_weights)
+    elif config.encoder != "resnet-tiny":
+        utils.load_encoder_weights(model.encoder, config.encoder, args.encoder_weights)
     # A frozen pretrained part is not stored in the checkpoint: generate.py reloads it from here.
     if args.train_encoder or config.encoder == "resnet-tiny":
         encoder_source = None
-    else:
-        encoder_source = (source(args.clip) if clip is not None
-                          else source(args.encoder_weights) if args.encoder_weights else "imagenet")
+    elif clip is not None:
+        encoder_source = source(args.clip)
+    elif args.encoder_weights:
+        encoder_source = source(args.encoder_weights)
+    else:  # the library's own pretrained weights
+        encoder_source = "timm" if config.encoder.startswith(TIMM) else "imagenet"
     return model, {"encoder": encoder_source, "decoder": decoder_source}
+
+
+def timm_settings(name: str) -> dict:
+    """StoryConfig fields of a timm encoder, with the preprocessing of its pretrained weights (timm's
+    data config: input size, interpolation, crop fraction, mean, std), as timm's eval transform does it:
+    shorter side to floor(size / crop_pct), centre crop of size."""
+    import timm
+    net = timm.create_model(name.removeprefix(TIMM), pretrained=False, num_classes=0)
+    data = timm.data.resolve_model_data_config(net)
+    _, height, width = data["input_size"]
+    if height != width or data.get("crop_mode", "center") != "center":
+        raise UserError(f"--encoder {name}: its preprocessing ({height}x{width}, crop mode "
+                        f"{data.get('crop_mode')}) is not a square centre crop, which this repo supports; "
+                        f"choose another timm model or tag")
+    return dict(encoder=name, encoder_config={"num_features": net.num_features}, image_size=height,
+                resize_size=math.floor(height / data["crop_pct"]), interpolation=data["interpolation"],
+                image_mean=tuple(data["mean"]), image_std=tuple(data["std"]))
 
 
 def source(name_or_path: str) -> str:
@@ -301,13 +352,25 @@ def clip_settings(clip_config) -> dict:
                 interpolation="bicubic", image_mean=tuple(OPENAI_CLIP_MEAN), image_std=tuple(OPENAI_CLIP_STD))
 
 
-def lora_config(args) -> dict | None:
-    """peft LoraConfig arguments, kept as plain values for the checkpoint."""
+def lora_config(args, decoder_config) -> dict | None:
+    """peft LoraConfig arguments, kept as plain values for the checkpoint. The target layers default to
+    peft's own choice for the architecture and must exist in this decoder."""
     if not args.lora:
         return None
-    # GPT-2's layers are transformers' Conv1D, whose weight is stored (in, out): fan_in_fan_out says so.
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULT_TARGETS
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):  # the layer names without allocating the model
+        names = {name.rsplit(".", 1)[-1] for name, _ in AutoModelForCausalLM.from_config(decoder_config).named_modules()}
+    targets = args.lora_targets or DEFAULT_TARGETS.get(decoder_config.model_type)
+    if not targets:
+        raise UserError(f"--lora: peft has no default layers for {decoder_config.model_type}; name them with "
+                        f"--lora-targets (its layers include {', '.join(sorted(names)[:12])})")
+    if unknown := sorted(set(targets) - names):
+        raise UserError(f"--lora-targets: this decoder has no layer named {', '.join(unknown)}; "
+                        f"its layers include {', '.join(sorted(names)[:12])}")
+    # (StoryModel sets fan_in_fan_out for layers such as GPT-2's Conv1D, which store the weight (in, out).)
     return dict(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                target_modules=list(args.lora_targets), fan_in_fan_out=True, bias="none", task_type="CAUSAL_LM")
+                target_modules=sorted(targets), bias="none", task_type="CAUSAL_LM")
 
 
 @torch.no_grad()
@@ -375,11 +438,12 @@ def ignore_ctrl_c(worker_id):
 def make_loaders(args, run, model, tokenizer, examples, features=None):
     """Training and validation loaders; batches carry images, or cached features when given."""
     config = model.config
-    max_tokens = model.decoder.config.n_positions - config.prefix_tokens
+    context = decoder_sizes(model.decoder.config)[2]
+    max_tokens = context - config.prefix_tokens
     if max_tokens < 2:  # a story needs at least one token and its end-of-text
-        most = model.decoder.config.n_positions - 2 - (config.prefix_tokens - config.prefix_length)
-        raise UserError(f"--prefix-length {config.prefix_length} leaves no room for a story in GPT-2's "
-                        f"{model.decoder.config.n_positions} positions; use at most {most}")
+        most = context - 2 - (config.prefix_tokens - config.prefix_length)
+        raise UserError(f"--prefix-length {config.prefix_length} leaves no room for a story in the decoder's "
+                        f"{context} positions; use at most {most}")
     train_examples, val_examples = dataset.split_by_image(examples, args.val_split, args.seed)
     make_set = partial(dataset.StoryDataset, images_dir=args.images, tokenizer=tokenizer,
                        transform=dataset.image_transform(config), max_tokens=max_tokens, min_side=config.resize_size,
@@ -543,9 +607,12 @@ def load_resume(args, run) -> dict:
     if "rng" not in state:
         raise UserError(f"{args.resume}: holds no training state to resume from; train again without --resume")
     for key in RESUME_MUST_MATCH:
-        if state["args"].get(key) != getattr(args, key):
+        saved = state["args"].get(key, state["args"].get(OLD_NAMES.get(key)))
+        if key == "prefix_norm" and key not in state["args"]:
+            saved = False  # saved before the prefix could be normalised
+        if saved != getattr(args, key):
             flag = "--" + key.replace("_", "-")
-            raise UserError(f"{args.resume}: was trained with {flag} {state['args'].get(key)}, this run has "
+            raise UserError(f"{args.resume}: was trained with {flag} {saved}, this run has "
                             f"{getattr(args, key)}; resume with the settings of the run that saved it")
     if state["world_size"] != run.world_size:
         raise UserError(f"{args.resume}: was trained by {state['world_size']} process(es), this run has "
@@ -625,7 +692,7 @@ def main(argv=None):
             sources = ckpt["sources"]
         else:
             tokenizer = (utils.train_tokenizer([ex.story for ex in examples], args.vocab_size) if args.preset == "tiny"
-                         else utils.load_gpt2_tokenizer(args.gpt2))
+                         else utils.load_tokenizer(args.decoder))
             styles = sorted({ex.style for ex in examples if ex.style})  # a third column asks for style control
             model, sources = build_model(args, tokenizer, styles)
         model.to(run.device).train()
@@ -636,13 +703,13 @@ def main(argv=None):
 
         params = [p for p in model.parameters() if p.requires_grad]
         n_train, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
-        lora = f", LoRA r={args.lora_rank} on {','.join(args.lora_targets)}" if args.lora else ""
+        lora = f", LoRA r={args.lora_rank} on {','.join(model.config.lora['target_modules'])}" if args.lora else ""
         where = f"{run.device}" + (f" x {run.world_size} processes" if run.world_size > 1 else "")
         run.log(f"model: {model.config.encoder} -> {model.config.mapper} mapper -> {model.config.prefix_length}-token "
-                f"prefix -> GPT-2 ({model.decoder.config.n_layer} layers{lora}); training {n_train:,} of {n_total:,} "
+                f"prefix -> {model.decoder.config.model_type} ({model.decoder.config.num_hidden_layers} layers{lora}); training {n_train:,} of {n_total:,} "
                 f"parameters ({100 * n_train / n_total:.2f}%) on {where}, {args.dtype}")
         if args.lora and sources["decoder"] is None:
-            run.log("note: the tiny preset's GPT-2 is random and has no source to reload it from, "
+            run.log("note: the tiny preset's decoder is random and has no source to reload it from, "
                     "so the checkpoint stores it with the adapters")
         optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
         steps_per_epoch = math.ceil(len(loader) / args.grad_accum)

@@ -310,7 +310,7 @@ def _check_hub(what: str, name: str, ways_out: str) -> None:
                         f"reachable; {ways_out}")
 
 
-def check_model_path(name_or_dir: str, what: str = "GPT-2", flag: str = "--gpt2") -> None:
+def check_model_path(name_or_dir: str, what: str = "decoder", flag: str = "--decoder") -> None:
     """A value that is clearly a path must be a folder: never ask the hub for '/data/gpt2'."""
     path = Path(name_or_dir).expanduser()
     if path.is_file():
@@ -336,7 +336,9 @@ def _from_pretrained(cls, name_or_dir: str, what: str, flag: str, ways_out: str)
         if local_files_only:
             hf_logging.disable_progress_bar()
         try:
-            return cls.from_pretrained(name_or_dir, output_loading_info=True, local_files_only=local_files_only)
+            # float32: transformers 5 would keep a bfloat16 checkpoint in bfloat16; --dtype casts later.
+            return cls.from_pretrained(name_or_dir, output_loading_info=True, local_files_only=local_files_only,
+                                       dtype=torch.float32)
         finally:
             hf_logging.set_verbosity(verbosity)
             if bars:
@@ -365,10 +367,12 @@ def _from_pretrained(cls, name_or_dir: str, what: str, flag: str, ways_out: str)
     return model
 
 
-def load_gpt2(name_or_dir: str):
-    """GPT-2 weights from a local save_pretrained folder, the Hugging Face cache, or the hub."""
-    from transformers import GPT2LMHeadModel
-    return _from_pretrained(GPT2LMHeadModel, name_or_dir, "GPT-2", "--gpt2", OFFLINE_HINT.format(flag="--gpt2 DIR"))
+def load_decoder(name_or_dir: str):
+    """Any causal LM that AutoModelForCausalLM loads (gpt2, HuggingFaceTB/SmolLM2-135M, Qwen2, OPT, ...)
+    from a local save_pretrained folder, the Hugging Face cache, or the hub, in float32."""
+    from transformers import AutoModelForCausalLM
+    return _from_pretrained(AutoModelForCausalLM, name_or_dir, "causal LM", "--decoder",
+                            OFFLINE_HINT.format(flag="--decoder DIR"))
 
 
 def load_clip(name_or_dir: str):
@@ -379,30 +383,34 @@ def load_clip(name_or_dir: str):
                             "pass a local copy (--clip DIR) or use --encoder resnet50")
 
 
-def load_gpt2_tokenizer(name_or_dir: str):
-    """GPT-2's tokenizer from a save_pretrained folder, the Hugging Face cache, or the hub, with its
-    end-of-text token as padding (GPT-2 has no pad token; padding is found by the attention mask)."""
+def load_tokenizer(name_or_dir: str):
+    """The decoder's own tokenizer (AutoTokenizer) from a save_pretrained folder, the Hugging Face
+    cache, or the hub. Its end token closes every story; without a pad token it pads with that end
+    token (padding is found by the attention mask, so the two never mix up)."""
     from transformers import AutoTokenizer
     check_model_path(name_or_dir)
-    ways_out = OFFLINE_HINT.format(flag="--gpt2 DIR")
+    ways_out = OFFLINE_HINT.format(flag="--decoder DIR")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_dir, local_files_only=True)
-    except OSError:
+    except (OSError, ValueError):
         tokenizer = None
-    # A folder holding only the model's files gives an empty tokenizer, not an error; a byte-level
-    # BPE such as GPT-2's has at least its 256 byte tokens.
+    # A folder holding only the model's files gives an empty tokenizer, not an error; a real
+    # tokenizer has at least its 256 byte or character tokens.
     if tokenizer is None or len(tokenizer) <= 256:
         if Path(name_or_dir).is_dir():
-            raise UserError(f"{name_or_dir}: no GPT-2 tokenizer saved there (expected the tokenizer files that "
+            raise UserError(f"{name_or_dir}: no tokenizer saved there (expected the tokenizer files that "
                             f"save_pretrained writes); {ways_out}")
         _check_hub("the tokenizer of", name_or_dir, ways_out)
         try:
             tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
-        except OSError:
+        except (OSError, ValueError):
             raise UserError(f"cannot load the tokenizer of {name_or_dir!r}; {ways_out}") from None
+    if not tokenizer.is_fast:  # the checkpoint stores the fast tokenizer's JSON
+        raise UserError(f"{name_or_dir}: its tokenizer has no fast (tokenizers library) version, which "
+                        f"checkpoints store; save the model with a tokenizer.json")
     if tokenizer.eos_token is None:
         raise UserError(f"{name_or_dir}: its tokenizer has no end-of-text token, which ends every story; "
-                        f"use GPT-2's tokenizer")
+                        f"use a tokenizer that has one")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -438,6 +446,64 @@ def load_resnet50_weights(encoder: torch.nn.Module, weights_file=None) -> None:
         raise UserError(f"{weights_file}: not ResNet-50 weights ({str(err).splitlines()[0][:200]})") from None
 
 
+def check_timm_name(name: str) -> None:
+    """An unknown timm model name is one line that says how to find the right one."""
+    import timm
+    if not timm.is_model(name):
+        pattern = "*" + name.split(".")[0].split("_")[0] + "*"
+        raise UserError(f"--encoder timm:{name}: timm has no model of that name; list them with "
+                        f"python -c \"import timm; print(timm.list_models('{pattern}'))\"")
+
+
+def load_timm_weights(encoder: torch.nn.Module, name: str, weights_file=None) -> None:
+    """Pretrained weights into a timm encoder built by model.build_encoder (classifier removed): from
+    weights_file (a state_dict of the full model, saved with torch.save) or the way timm gets them
+    (the Hugging Face hub and its cache)."""
+    import timm
+    if weights_file is not None:
+        try:
+            state = load_torch_file(weights_file, f"timm {name} state_dict")
+        except FileNotFoundError:
+            raise UserError(f"{weights_file}: encoder weights file not found") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise UserError(f"{weights_file}: expected a state_dict of timm's {name}")
+    else:
+        hub_id = encoder.pretrained_cfg.get("hf_hub_id")
+        ways_out = OFFLINE_HINT.format(flag="--encoder-weights FILE")
+        if hub_id:
+            from huggingface_hub import try_to_load_from_cache
+            cached = any(isinstance(try_to_load_from_cache(hub_id, f), str)
+                         for f in ("model.safetensors", "pytorch_model.bin"))
+            if not cached:
+                _check_hub("the timm encoder", name, ways_out)
+        try:
+            state = timm.create_model(name, pretrained=True, num_classes=0).state_dict()
+        except Exception as err:  # hub errors, a tag without weights, ... each means the same
+            raise UserError(f"cannot load the pretrained weights of timm's {name} "
+                            f"({(str(err).splitlines() or [type(err).__name__])[0][:200]}); {ways_out}") from None
+    # A full model's file also has the classifier, which the encoder dropped: those keys may go unused.
+    classifier = encoder.pretrained_cfg.get("classifier") or ()
+    classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    try:
+        missing, unexpected = encoder.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err))
+        raise UserError(f"{weights_file}: not weights of timm's {name} ({detail[:200]})") from None
+    unexpected = [k for k in unexpected if not k.startswith(tuple(c + "." for c in classifier))]
+    if missing or unexpected:
+        first = (missing or unexpected)[0]
+        raise UserError(f"{weights_file}: not weights of timm's {name} ({len(missing)} of its tensors missing, "
+                        f"{len(unexpected)} unknown ones, e.g. {first}); pass a state_dict of that model")
+
+
+def load_encoder_weights(encoder: torch.nn.Module, encoder_name: str, weights_file=None) -> None:
+    """Pretrained weights into a frozen or starting encoder: ResNet-50 or a timm model."""
+    if encoder_name.startswith("timm:"):
+        load_timm_weights(encoder, encoder_name.removeprefix("timm:"), weights_file)
+    else:
+        load_resnet50_weights(encoder, weights_file)
+
+
 # ----------------------------------------------------------------------------- tokenizers
 
 def train_tokenizer(texts: list[str], vocab_size: int = 2000):
@@ -466,10 +532,10 @@ def tokenizer_to_json(tokenizer) -> str:
 
 # ----------------------------------------------------------------------------- models
 
-def load_model(ckpt: dict, gpt2=None, encoder_weights=None, clip=None, where="checkpoint"):
+def load_model(ckpt: dict, decoder=None, encoder_weights=None, clip=None, where="checkpoint"):
     """Rebuilds (model, tokenizer) from a checkpoint loaded by load_checkpoint (where: its path,
-    for messages). Weights the checkpoint does not hold (a frozen pretrained encoder or GPT-2, the
-    base under LoRA adapters) come from where training took them, or from the gpt2 / encoder_weights
+    for messages). Weights the checkpoint does not hold (a frozen pretrained encoder or decoder, the
+    base under LoRA adapters) come from where training took them, or from the decoder / encoder_weights
     / clip overrides."""
     from model import StoryConfig, StoryModel
     incompatible = "it was written by an incompatible version of this code; re-train it"
@@ -480,8 +546,8 @@ def load_model(ckpt: dict, gpt2=None, encoder_weights=None, clip=None, where="ch
     sources = ckpt.get("sources", {})
     base = None
     if sources.get("decoder") is not None:
-        name = gpt2 or sources["decoder"]
-        base = load_gpt2(name).state_dict()  # StoryModel loads it before LoRA adapters wrap GPT-2
+        name = decoder or sources["decoder"]
+        base = load_decoder(name).state_dict()  # StoryModel loads it before LoRA adapters wrap the decoder
     try:
         model = StoryModel(config, decoder_weights=base)
     except (TypeError, KeyError, ValueError) as err:
@@ -489,7 +555,8 @@ def load_model(ckpt: dict, gpt2=None, encoder_weights=None, clip=None, where="ch
     except RuntimeError:
         if base is None:
             raise
-        raise UserError(f"{name}: this GPT-2 does not have the size {where} was trained with") from None
+        raise UserError(f"{name}: this decoder does not have the architecture and size {where} was trained "
+                        f"with") from None
     if sources.get("encoder") is not None and config.encoder == "clip-vit-b32":
         name = clip or sources["encoder"]
         try:
@@ -497,8 +564,9 @@ def load_model(ckpt: dict, gpt2=None, encoder_weights=None, clip=None, where="ch
         except RuntimeError:
             raise UserError(f"{name}: this CLIP does not have the size {where} was trained with") from None
     elif sources.get("encoder") is not None:
-        path = encoder_weights or (None if sources["encoder"] == "imagenet" else sources["encoder"])
-        load_resnet50_weights(model.encoder, path)
+        # "imagenet" (ResNet-50) and "timm" name the library's own pretrained weights, not a file.
+        path = encoder_weights or (None if sources["encoder"] in ("imagenet", "timm") else sources["encoder"])
+        load_encoder_weights(model.encoder, config.encoder, path)
     state = ckpt["model"]
     expected = set(stored_state(model, sources))
     if set(state) != expected:
@@ -518,6 +586,6 @@ def load_model(ckpt: dict, gpt2=None, encoder_weights=None, clip=None, where="ch
 
 def stored_state(model, sources: dict) -> dict:
     """The part of the state_dict a checkpoint must carry: every module without a source to reload
-    from (mapper, feature_norm, style, trained or random encoder and GPT-2), and LoRA adapters."""
+    from (mapper, feature_norm, style, prefix_norm, trained or random encoder and decoder), and LoRA adapters."""
     return {k: v for k, v in model.state_dict().items()
             if sources.get(k.split(".")[0]) is None or ".lora_" in k}

@@ -132,11 +132,11 @@ TRAIN_CASES = [
     ("val split 1", ["--val-split", "1"], "argument --val-split: must be in [0, 1), got 1"),
     ("prefix length 0", ["--prefix-length", "0"], "argument --prefix-length: must be a positive integer, got 0"),
     ("prefix fills the context", ["--prefix-length", "127"],
-     "--prefix-length 127 leaves no room for a story in GPT-2's 128 positions; use at most 126"),
+     "--prefix-length 127 leaves no room for a story in the decoder's 128 positions; use at most 126"),
     ("negative pixel limit", ["--max-image-pixels", "-1"], "argument --max-image-pixels: must be 0 or more, got -1"),
     ("unknown device", ["--device", "tpu"], "argument --device: unknown device 'tpu'; use auto, cpu, cuda, cuda:N or mps"),
     ("unknown preset", ["--preset", "huge"], ("argument --preset: invalid choice: 'huge' (choose from", "gpt2", "tiny")),
-    ("GPT-2 folder missing", ["--preset", "gpt2", "--gpt2", "{ws}/no-gpt2"], "{ws}/no-gpt2: GPT-2 folder not found"),
+    ("GPT-2 folder missing", ["--preset", "gpt2", "--gpt2", "{ws}/no-gpt2"], "{ws}/no-gpt2: decoder folder not found"),
 ]
 if not torch.cuda.is_available():
     TRAIN_CASES.append(("no CUDA here", ["--device", "cuda"], "--device cuda: CUDA is not available on this machine"))

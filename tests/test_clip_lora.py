@@ -107,5 +107,5 @@ def test_a_folder_of_another_model_is_refused_not_filled_with_random_weights(pre
     root, _ = pretrained
     with pytest.raises(UserError, match=r"gpt2: not a CLIP model \(it has no weights for .*--clip takes"):
         utils.load_clip(str(root / "gpt2"))
-    with pytest.raises(UserError, match=r"clip: not a GPT-2 model .*--gpt2 takes"):
-        utils.load_gpt2(str(root / "clip"))
+    with pytest.raises(UserError, match=r"clip: not a causal LM model .*--decoder takes"):
+        utils.load_decoder(str(root / "clip"))

@@ -27,7 +27,7 @@ def test_train_and_generate_from_local_gpt2_and_resnet50_files(tmp_path):
     ckpt = torch.load(out, weights_only=True)
     # Frozen pretrained parts are reloaded from where they came from, not copied into the checkpoint.
     assert ckpt["sources"] == {"encoder": str(resnet), "decoder": str(gpt2_dir)}
-    assert {k.split(".")[0] for k in ckpt["model"]} == {"mapper"}
+    assert {k.split(".")[0] for k in ckpt["model"]} == {"mapper", "prefix_norm"}
     assert ckpt["config"]["image_size"] == 224 and ckpt["config"]["encoder"] == "resnet50"
 
     result = run_script("generate.py", DATA / "images" / "day_grass_house.jpg", "--checkpoint", out,
@@ -41,7 +41,7 @@ def test_missing_weights_offline_stop_with_the_ways_out(tmp_path):
     out = tmp_path / "m.pt"
     result = run_script("train.py", "--out", out, env=env, timeout=120)
     assert result.returncode == 2
-    assert "--gpt2 DIR" in result.stderr and "--preset tiny" in result.stderr
+    assert "--decoder DIR" in result.stderr and "--preset tiny" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not out.exists()
 
@@ -54,13 +54,13 @@ def test_an_unreachable_hub_stops_at_once_without_retries(tmp_path):
     assert result.returncode == 2 and "Retrying" not in result.stderr
     assert result.stderr.strip().splitlines() == [
         "error: cannot load the tokenizer of 'gpt2': not in the Hugging Face cache and the hub is not reachable; "
-        "pass a local copy (--gpt2 DIR) or train offline with --preset tiny"]
+        "pass a local copy (--decoder DIR) or train offline with --preset tiny"]
 
 
 def test_a_gpt2_folder_without_tokenizer_files_is_named(tmp_path):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=100)).save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(utils.UserError, match=r"gpt2: no GPT-2 tokenizer saved there .*--gpt2 DIR"):
-        utils.load_gpt2_tokenizer(str(tmp_path / "gpt2"))
+    with pytest.raises(utils.UserError, match=r"gpt2: no tokenizer saved there .*--decoder DIR"):
+        utils.load_tokenizer(str(tmp_path / "gpt2"))
 
 
 def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused_before_training(tmp_path):

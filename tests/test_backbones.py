@@ -1,0 +1,178 @@
+"""Any backbone: timm encoders and any transformers causal LM as the decoder, offline. Tiny random
+Llama, Qwen2 and GPT-2 folders and timm's own test_* models are saved here and loaded by the real
+loading code, as a user's pretrained folders and state_dict files would be."""
+import pytest
+import timm
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+
+import dataset
+import train
+import utils
+from conftest import DATA, run_script, write_stories
+from model import StoryConfig
+
+PHOTO = DATA / "images" / "photo_cat.jpg"
+
+
+def llama_style_tokenizer(texts):
+    """A byte-level BPE with Llama's habits: <s> and </s>, no pad token (the repo pads with the end token)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"], show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def backbones(tmp_path_factory):
+    """Folders of a tiny Llama and a tiny Qwen2 with their tokenizer, a timm test_efficientnet
+    state_dict (classifier included, as a saved full model has it), and stories of the sample photos."""
+    root = tmp_path_factory.mktemp("backbones")
+    lines = [line for line in (DATA / "stories.txt").read_text().splitlines() if line.startswith("photo_")][:6]
+    # (vocab_size leaves room: Qwen2's tokenizer class adds its own <|endoftext|> when it loads this one.)
+    tokenizer = llama_style_tokenizer([line.split("\t")[1] for line in lines])
+    torch.manual_seed(0)
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=96, vocab_size=len(tokenizer) + 8, bos_token_id=0, eos_token_id=1,
+                 tie_word_embeddings=True)
+    for name, config in [("llama", LlamaConfig(**sizes)), ("qwen2", Qwen2Config(**sizes))]:
+        AutoModelForCausalLM.from_config(config).save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    torch.save(timm.create_model("test_efficientnet").state_dict(), root / "effnet.pth")
+    return root, write_stories(root / "stories.txt", lines)
+
+
+def train_args(root, stories, out, *extra):
+    return ["--stories", str(stories), "--images", str(DATA / "images"), "--out", str(out), "--epochs", "2",
+            "--batch-size", "4", "--val-split", "0", "--lr", "1e-3", "--device", "cpu", *map(str, extra)]
+
+
+def test_timm_preprocessing_is_timms_own_pixel_for_pixel():
+    """The checkpoint's settings rebuild exactly timm's eval transform (input size, interpolation,
+    crop fraction, mean, std): generate.py, app.py and the feature cache see what the encoder was trained on."""
+    image = dataset.load_image(PHOTO)
+    for name in ["test_efficientnet", "test_vit", "test_convnext"]:
+        config = StoryConfig(**train.timm_settings("timm:" + name))
+        net = timm.create_model(name, num_classes=0)
+        reference = timm.data.create_transform(**timm.data.resolve_data_config(model=net))
+        ours = dataset.image_transform(config)(image)
+        assert ours.shape == (3, config.image_size, config.image_size)
+        assert torch.equal(ours, reference(image)), name
+
+
+def test_llama_decoder_frozen_with_a_frozen_timm_encoder(backbones, tmp_path):
+    """Mapper-only training on a Llama and a timm encoder: features come from the cache, neither
+    backbone changes or is stored, every story ends with the Llama's own end token, and the
+    checkpoint reloads to the same logits."""
+    root, stories = backbones
+    out = tmp_path / "m.pt"
+    result = run_script("train.py", *train_args(root, stories, out, "--decoder", root / "llama", "--freeze-decoder",
+                                                "--encoder", "timm:test_efficientnet", "--encoder-weights",
+                                                root / "effnet.pth", "--feature-cache", tmp_path / "cache"))
+    assert result.returncode == 0, result.stderr
+    assert "feature cache: 0 of 3 images read" in result.stdout and "-> llama (2 layers)" in result.stdout
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["sources"] == {"encoder": str(root / "effnet.pth"), "decoder": str(root / "llama")}
+    assert {k.split(".")[0] for k in ckpt["model"]} == {"mapper", "prefix_norm"}  # nothing of either backbone
+    assert ckpt["eos_token"] == "</s>" and ckpt["config"]["encoder_config"] == {"num_features": 256}
+
+    model, tokenizer = utils.load_model(ckpt, where=out)
+    base = AutoModelForCausalLM.from_pretrained(root / "llama").state_dict()
+    assert all(torch.equal(model.decoder.state_dict()[k], v) for k, v in base.items())  # the decoder as it was
+    # The story tokens are scored without a BOS, each story closed by </s>, as training saw them.
+    ids = tokenizer(["a cat"], add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = torch.cat([ids, torch.tensor([[tokenizer.eos_token_id]])], dim=1)
+    pixels = dataset.image_transform(model.config)(dataset.load_image(PHOTO))[None]
+    model.eval()
+    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), images=pixels).logits
+    again, _ = utils.load_model(torch.load(out, weights_only=True), where=out)
+    assert torch.equal(again.eval()(input_ids=ids, attention_mask=torch.ones_like(ids), images=pixels).logits, logits)
+
+    result = run_script("generate.py", PHOTO, "--checkpoint", out, "--strategy", "greedy", "--max-new-tokens", "8")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Generated Story:\n") and len(result.stdout.split("\n")[1]) > 0
+
+
+def test_llama_lora_with_peft_default_targets(backbones, tmp_path):
+    """LoRA on a Llama: peft's q_proj/v_proj by default, only adapters (and mapper) stored, base weights intact."""
+    root, stories = backbones
+    out = tmp_path / "m.pt"
+    train.main(train_args(root, stories, out, "--decoder", root / "llama", "--lora", "--encoder",
+                          "timm:test_efficientnet", "--encoder-weights", root / "effnet.pth", "--no-feature-cache"))
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["config"]["lora"]["target_modules"] == ["q_proj", "v_proj"]
+    adapters = [k for k in ckpt["model"] if ".lora_" in k]
+    assert adapters and {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in adapters} == {"q_proj", "v_proj"}
+    assert all(k.startswith(("mapper.", "prefix_norm.")) or ".lora_" in k for k in ckpt["model"])
+    model, _ = utils.load_model(ckpt, where=out)
+    trained_b = [v for k, v in model.decoder.state_dict().items() if "lora_B" in k]
+    assert any(v.abs().sum() > 0 for v in trained_b)  # adapters moved off their zero start
+    base = AutoModelForCausalLM.from_pretrained(root / "llama").state_dict()
+    merged = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
+              for k, v in model.decoder.state_dict().items() if ".lora_" not in k}
+    assert all(torch.equal(merged[k], v) for k, v in base.items())
+
+
+def test_qwen2_decoder_with_the_timm_encoder_fine_tuned(backbones, tmp_path):
+    """A fine-tuned encoder and decoder are both stored; generation needs neither source again."""
+    root, stories = backbones
+    out = tmp_path / "m.pt"
+    train.main(train_args(root, stories, out, "--decoder", root / "qwen2", "--encoder", "timm:test_efficientnet",
+                          "--encoder-weights", root / "effnet.pth", "--train-encoder"))
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["sources"] == {"encoder": None, "decoder": None}
+    assert ckpt["config"]["decoder"]["model_type"] == "qwen2"
+    assert {k.split(".")[0] for k in ckpt["model"]} == {"encoder", "decoder", "mapper", "prefix_norm"}
+    start = torch.load(root / "effnet.pth", weights_only=True)
+    assert not torch.equal(ckpt["model"]["encoder.conv_stem.weight"], start["conv_stem.weight"])  # it trained
+    result = run_script("generate.py", PHOTO, "--checkpoint", out, "--strategy", "beam", "--num-stories", "2",
+                        "--max-new-tokens", "6", "--json")
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.strip().splitlines()) == 2
+
+
+def test_the_prefix_starts_on_the_decoders_embedding_scale(backbones):
+    """With --prefix-norm (on for pretrained decoders) every prefix vector has the RMS of the decoder's
+    token embeddings at the first step, whatever scale the encoder's features have."""
+    root, stories = backbones
+    tokenizer = utils.load_tokenizer(str(root / "llama"))
+    args = train.parse_args(train_args(root, stories, "unused.pt", "--decoder", root / "llama", "--freeze-decoder",
+                                       "--encoder", "timm:test_efficientnet", "--encoder-weights", root / "effnet.pth"))
+    model, _ = train.build_model(args, tokenizer)
+    embeddings = model.decoder.get_input_embeddings().weight
+    features = torch.randn(3, model.config.feature_dim) * 50  # far off any sensible scale
+    prefix = model.prefix(features)  # (3, P, E)
+    rms = prefix.pow(2).mean(-1).sqrt()
+    assert torch.allclose(rms, embeddings.pow(2).mean().sqrt().expand_as(rms), rtol=1e-3)
+
+
+@pytest.mark.parametrize("case, extra, expected", [
+    ("unknown timm name", ["--encoder", "timm:convnext_tinyy"],
+     "error: --encoder timm:convnext_tinyy: timm has no model of that name; list them with "
+     "python -c \"import timm; print(timm.list_models('*convnext*'))\""),
+    ("weights of another architecture", ["--encoder", "timm:test_vit", "--encoder-weights", "{root}/effnet.pth"],
+     "error: {root}/effnet.pth: not weights of timm's test_vit ("),
+    ("not a causal LM", ["--decoder", "{root}/vision"], "error: {root}/vision: not a causal LM model (loading it failed:"),
+    ("LoRA layer the decoder lacks", ["--lora", "--lora-targets", "c_attn"],
+     "error: --lora-targets: this decoder has no layer named c_attn; its layers include"),
+])
+def test_bad_backbones_get_one_line(backbones, tmp_path, case, extra, expected):
+    root, stories = backbones
+    if not (root / "vision").exists():  # a folder of a model that is not a causal LM (a CLIP vision tower)
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+        CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, image_size=32, patch_size=8)).save_pretrained(root / "vision")
+        llama_style_tokenizer(["a b c"]).save_pretrained(root / "vision")
+    extra = [e.format(root=root) for e in extra]
+    decoder = [] if "--decoder" in extra else ["--decoder", root / "llama"]
+    encoder = [] if "--encoder" in extra else ["--encoder", "timm:test_efficientnet", "--encoder-weights", root / "effnet.pth"]
+    out = tmp_path / "m.pt"
+    result = run_script("train.py", *train_args(root, stories, out, *decoder, *encoder, *extra))
+    assert result.returncode == 2, case
+    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:") or "Traceback" in line]
+    assert len(lines) == 1 and lines[0].startswith(expected.format(root=root)), result.stderr
+    assert not out.exists()
