@@ -1,6 +1,8 @@
 """Any backbone: timm encoders and any transformers causal LM as the decoder, offline. Tiny random
 Llama, Qwen2 and GPT-2 folders and timm's own test_* models are saved here and loaded by the real
 loading code, as a user's pretrained folders and state_dict files would be."""
+import json
+
 import pytest
 import timm
 import torch
@@ -9,6 +11,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
 import dataset
+import generate
 import train
 import utils
 from conftest import DATA, run_script, write_stories
@@ -64,17 +67,17 @@ def test_timm_preprocessing_is_timms_own_pixel_for_pixel():
         assert torch.equal(ours, reference(image)), name
 
 
-def test_llama_decoder_frozen_with_a_frozen_timm_encoder(backbones, tmp_path):
+def test_llama_decoder_frozen_with_a_frozen_timm_encoder(backbones, tmp_path, capsys):
     """Mapper-only training on a Llama and a timm encoder: features come from the cache, neither
     backbone changes or is stored, every story ends with the Llama's own end token, and the
     checkpoint reloads to the same logits."""
     root, stories = backbones
     out = tmp_path / "m.pt"
-    result = run_script("train.py", *train_args(root, stories, out, "--decoder", root / "llama", "--freeze-decoder",
-                                                "--encoder", "timm:test_efficientnet", "--encoder-weights",
-                                                root / "effnet.pth", "--feature-cache", tmp_path / "cache"))
-    assert result.returncode == 0, result.stderr
-    assert "feature cache: 0 of 3 images read" in result.stdout and "-> llama (2 layers)" in result.stdout
+    train.main(train_args(root, stories, out, "--decoder", root / "llama", "--freeze-decoder", "--encoder",
+                          "timm:test_efficientnet", "--encoder-weights", root / "effnet.pth", "--feature-cache",
+                          tmp_path / "cache"))
+    log = capsys.readouterr().out
+    assert "feature cache: 0 of 3 images read" in log and "-> llama (2 layers)" in log
     ckpt = torch.load(out, weights_only=True)
     assert ckpt["sources"] == {"encoder": str(root / "effnet.pth"), "decoder": str(root / "llama")}
     assert {k.split(".")[0] for k in ckpt["model"]} == {"mapper", "prefix_norm"}  # nothing of either backbone
@@ -117,7 +120,7 @@ def test_llama_lora_with_peft_default_targets(backbones, tmp_path):
     assert all(torch.equal(merged[k], v) for k, v in base.items())
 
 
-def test_qwen2_decoder_with_the_timm_encoder_fine_tuned(backbones, tmp_path):
+def test_qwen2_decoder_with_the_timm_encoder_fine_tuned(backbones, tmp_path, capsys):
     """A fine-tuned encoder and decoder are both stored; generation needs neither source again."""
     root, stories = backbones
     out = tmp_path / "m.pt"
@@ -129,10 +132,10 @@ def test_qwen2_decoder_with_the_timm_encoder_fine_tuned(backbones, tmp_path):
     assert {k.split(".")[0] for k in ckpt["model"]} == {"encoder", "decoder", "mapper", "prefix_norm"}
     start = torch.load(root / "effnet.pth", weights_only=True)
     assert not torch.equal(ckpt["model"]["encoder.conv_stem.weight"], start["conv_stem.weight"])  # it trained
-    result = run_script("generate.py", PHOTO, "--checkpoint", out, "--strategy", "beam", "--num-stories", "2",
-                        "--max-new-tokens", "6", "--json")
-    assert result.returncode == 0, result.stderr
-    assert len(result.stdout.strip().splitlines()) == 2
+    capsys.readouterr()
+    assert generate.main([str(PHOTO), "--checkpoint", str(out), "--strategy", "beam", "--num-stories", "2",
+                          "--max-new-tokens", "6", "--json"]) == 0
+    assert [json.loads(line)["image"] for line in capsys.readouterr().out.splitlines()] == [str(PHOTO)] * 2
 
 
 def test_the_prefix_starts_on_the_decoders_embedding_scale(backbones):
@@ -171,8 +174,8 @@ def test_bad_backbones_get_one_line(backbones, tmp_path, case, extra, expected):
     decoder = [] if "--decoder" in extra else ["--decoder", root / "llama"]
     encoder = [] if "--encoder" in extra else ["--encoder", "timm:test_efficientnet", "--encoder-weights", root / "effnet.pth"]
     out = tmp_path / "m.pt"
-    result = run_script("train.py", *train_args(root, stories, out, *decoder, *encoder, *extra))
-    assert result.returncode == 2, case
-    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:") or "Traceback" in line]
-    assert len(lines) == 1 and lines[0].startswith(expected.format(root=root)), result.stderr
+    # In process: utils.run_cli turns this UserError into the one line and exit code 2 (tests/test_bad_input.py).
+    with pytest.raises(utils.UserError) as err:
+        train.main(train_args(root, stories, out, *decoder, *encoder, *extra))
+    assert "\n" not in str(err.value) and f"error: {err.value}".startswith(expected.format(root=root)), case
     assert not out.exists()
