@@ -10,6 +10,7 @@ prefers each image's own stories to the other images' stories; and CLIPScore whe
 on this machine. Prints a table and writes the numbers and the stories to --out as JSON.
 """
 import argparse
+import contextlib
 import json
 import math
 import random
@@ -122,6 +123,7 @@ def main(argv=None):
     else:
         notes.append("diversity within an image needs --num-stories 2 or more (with --strategy sample)")
 
+    result["fluency_perplexity"] = fluency(model, tokenizer, everything, args.batch_size, device, notes)
     result.update(consistency(model, features, names, examples, tokens, styles, args, device, tokenizer.pad_token_id,
                               notes))
     result["clip_score"] = clip_score(args.clip, args.images, names, hypotheses, args.batch_size, device, notes)
@@ -150,6 +152,33 @@ DECODING_KEYS = {"do_sample", "num_beams", "top_k", "top_p", "temperature", "rep
 
 def load(images_dir, name, min_side):
     return dataset.load_image(Path(images_dir) / name, min_side)  # read_examples opened them all already
+
+
+@torch.no_grad()
+def fluency(model, tokenizer, stories, batch_size, device, notes) -> float:
+    """Perplexity of the written stories under the decoder alone, without any image: low for text the
+    language model finds natural. Each story follows the tokenizer's BOS token (GPT-2's: its end-of-text
+    token), as text did in pre-training, and is scored up to and including its end token."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    ids = tokenizer(stories, add_special_tokens=False)["input_ids"]
+    tokens = [[start] + x + [tokenizer.eos_token_id] for x in ids]
+    decoder = model.decoder
+    adapters_off = decoder.disable_adapter() if model.config.lora else contextlib.nullcontext()
+    if model.config.train_decoder:
+        notes.append("fluency is scored by the fine-tuned decoder (a frozen or LoRA-tuned one scores as the plain decoder)")
+    total, count = 0.0, 0
+    with adapters_off:
+        for begin in range(0, len(tokens), batch_size):
+            chunk = tokens[begin:begin + batch_size]
+            ids = torch.full((len(chunk), max(map(len, chunk))), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for r, row in enumerate(chunk):
+                ids[r, :len(row)], mask[r, :len(row)] = torch.tensor(row), 1
+            ids, mask = ids.to(device), mask.to(device)
+            logits = decoder(input_ids=ids, attention_mask=mask).logits[:, :-1]
+            nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none") * mask[:, 1:]
+            total, count = total + nll.sum().item(), count + mask[:, 1:].sum().item()
+    return math.exp(total / max(count, 1))
 
 
 @torch.no_grad()
@@ -245,6 +274,7 @@ TABLE = [  # key, label, format
     ("distinct_1_within_image", "distinct-1 within an image", "{:.3f}"),
     ("distinct_2_within_image", "distinct-2 within an image", "{:.3f}"),
     ("unique_stories", "unique stories / images", "{:.3f}"),
+    ("fluency_perplexity", "fluency: decoder perplexity, no image", "{:.2f}"),
     ("consistency_recall_at_1", "consistency recall@1", "{:.3f}"),
     ("consistency_mean_rank", "consistency mean rank", "{:.2f}"),
     ("consistency_candidates", "  stories ranked per image", "{:.1f}"),
