@@ -132,3 +132,18 @@ def test_clip_score_with_local_weights_and_a_note_without(tmp_path):
     CLIPImageProcessor().save_pretrained(tmp_path / "vision")
     assert evaluate.clip_score(str(tmp_path / "vision"), DATA / "images", names, stories, 2, "cpu", notes) is None
     assert notes[1].startswith("CLIPScore skipped: ") and "--clip DIR" in notes[1]
+
+
+def test_fluency_prefers_the_stories_the_decoder_learned_to_their_words_shuffled(tiny_checkpoint):
+    """The fluency score is the decoder's own perplexity without an image: text it learned scores far
+    lower than the same words in a random order."""
+    model, tokenizer = utils.load_model(torch.load(tiny_checkpoint, weights_only=True))
+    model.eval()
+    stories = [line.split("\t")[1] for line in (DATA / "stories.txt").read_text().splitlines()
+               if line and not line.startswith("#")][:8]
+    rng = np.random.default_rng(0)
+    shuffled = [" ".join(rng.permutation(story.split())) for story in stories]
+    notes = []
+    learned = evaluate.fluency(model, tokenizer, stories, 4, torch.device("cpu"), notes)
+    assert learned < evaluate.fluency(model, tokenizer, shuffled, 4, torch.device("cpu"), notes) / 3
+    assert 1 < learned and any("fine-tuned decoder" in n for n in notes)  # the tiny decoder trains
