@@ -6,7 +6,6 @@
 """
 import argparse
 import ipaddress
-import os
 import sys
 import threading
 from pathlib import Path
@@ -29,13 +28,6 @@ def port_number(value):
     n = int(value)
     if not 1 <= n <= 65535:
         raise argparse.ArgumentTypeError(f"must be in [1, 65535], got {value}")
-    return n
-
-
-def positive_int(value):
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return n
 
 
@@ -91,11 +83,11 @@ def parse_args(argv=None):
                    help="ask for this user and password before the page and its API; may be repeated "
                         "(the password shows in `ps` and shell history: --auth-file avoids that)")
     p.add_argument("--auth-file", metavar="FILE", help="users who may log in, one user:password per line")
-    p.add_argument("--max-file-size", type=positive_int, default=20_000_000, metavar="BYTES",
+    p.add_argument("--max-file-size", type=generate.positive_int, default=20_000_000, metavar="BYTES",
                    help="largest upload accepted (default: %(default)s, 20 MB)")
-    p.add_argument("--concurrency", type=positive_int, default=8,
+    p.add_argument("--concurrency", type=generate.positive_int, default=8,
                    help="requests decoded at once, together in one batch (default: %(default)s)")
-    p.add_argument("--max-queue", type=positive_int, default=64,
+    p.add_argument("--max-queue", type=generate.positive_int, default=64,
                    help="requests that may wait for their turn; more are refused at once (default: %(default)s)")
     return p.parse_args(argv)
 
@@ -118,14 +110,16 @@ class Batcher:
         mine = [settings, image, None, None, False]
         with self.ready:
             self.waiting.append(mine)
-            while self.busy and not mine[4]:
-                self.ready.wait()
-            if not mine[4]:
+        while True:
+            with self.ready:
+                while self.busy and not mine[4]:
+                    self.ready.wait()
+                if mine[4]:
+                    break
                 self.busy = True
-                batch = [r for r in self.waiting if r[0] == settings][:self.max_batch]  # mine among them
+                batch = [r for r in self.waiting if r[0] == settings][:self.max_batch]  # the oldest first
                 for r in batch:
                     self.waiting.remove(r)
-        if not mine[4]:
             try:
                 results, error = self.decode(settings, [r[1] for r in batch]), None
             except Exception as err:

@@ -66,8 +66,8 @@ def test_load_model_refuses_before_building(name, changes, expected, crafted):
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("name", ["a billion layers", "prefix longer than the context"])
-def test_generate_py_exits_2_with_one_line(name, crafted):
+def test_generate_py_exits_2_with_one_line(crafted):
+    name = "a billion layers"  # the other cases go through the same utils.load_model, tested above
     path = path_of(crafted, name)
     done = run_script("generate.py", GOOD, "--checkpoint", path, "--device", "cpu", timeout=120)
     # (torch may log warnings of its own while importing; the refusal is the one error line)
