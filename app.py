@@ -2,9 +2,12 @@
 
     python app.py                                  # then open http://127.0.0.1:7860
     python app.py --checkpoint my_model.pt --port 8000
+    python app.py --host 0.0.0.0 --auth-file users.txt   # on the network, behind a login
 """
 import argparse
+import ipaddress
 import sys
+import threading
 from pathlib import Path
 
 import gradio as gr
@@ -16,6 +19,9 @@ import utils
 SAMPLES = Path(__file__).resolve().parent / "data" / "images"
 MAX_STORIES = 5
 MIN_LENGTH = 8
+STRATEGIES = ["sample", "beam", "greedy"]
+TEMPERATURES = (0.1, 2.0)
+NO_UPLOAD = "Upload an image, drop one here, or pick a sample first."
 
 
 def port_number(value):
@@ -23,6 +29,45 @@ def port_number(value):
     if not 1 <= n <= 65535:
         raise argparse.ArgumentTypeError(f"must be in [1, 65535], got {value}")
     return n
+
+
+def read_auth_file(path) -> list[tuple[str, str]]:
+    """--auth-file: one user:password per line; blank lines and lines starting with # are skipped."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise utils.UserError(f"{path}: auth file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise utils.UserError(f"{path}: cannot read the auth file ({getattr(err, 'strerror', None) or err})") from None
+    users, problems = [], []
+    for number, line in enumerate(lines, start=1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            user, colon, password = line.partition(":")
+            if colon and user.strip() and password:
+                users.append((user.strip(), password))
+            else:  # the line itself may hold a password: say what is wrong, never echo it
+                problems.append(f"{path}:{number}: expected user:password (a name, a colon, a password)")
+    if problems:
+        raise utils.DataError(problems)
+    if not users:
+        raise utils.UserError(f"{path}: no user:password lines; add one per user")
+    return users
+
+
+def auth_pair(value) -> tuple[str, str]:
+    user, colon, password = value.partition(":")
+    if not (colon and user.strip() and password):
+        raise argparse.ArgumentTypeError("expected USER:PASSWORD")
+    return user.strip(), password
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may well resolve to a network address
+        return False
 
 
 def parse_args(argv=None):
@@ -34,47 +79,129 @@ def parse_args(argv=None):
     p.add_argument("--device", type=utils.parse_device, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--max-image-pixels", type=generate.non_negative_int,
                    help="refuse larger uploads, a guard against decompression bombs; 0 = no limit (default: Pillow's, about 89 million)")
+    p.add_argument("--auth", type=auth_pair, action="append", metavar="USER:PASSWORD",
+                   help="ask for this user and password before the page and its API; may be repeated "
+                        "(the password shows in `ps` and shell history: --auth-file avoids that)")
+    p.add_argument("--auth-file", metavar="FILE", help="users who may log in, one user:password per line")
+    p.add_argument("--max-file-size", type=generate.positive_int, default=20_000_000, metavar="BYTES",
+                   help="largest upload accepted (default: %(default)s, 20 MB)")
+    p.add_argument("--concurrency", type=generate.positive_int, default=8,
+                   help="requests decoded at once, together in one batch (default: %(default)s)")
+    p.add_argument("--max-queue", type=generate.positive_int, default=64,
+                   help="requests that may wait for their turn; more are refused at once (default: %(default)s)")
     return p.parse_args(argv)
+
+
+class Batcher:
+    """Requests that arrive while the model is busy are decoded together, in one generate call.
+
+    Each request's own thread (gradio runs up to --concurrency at once) waits; whichever finds the
+    model free takes the oldest waiting requests with its own settings, up to max_batch, decodes them
+    and hands each its stories. A failure fails only that batch, and every thread returns its own
+    result, so a slow or broken request never holds up the others' answers for long."""
+
+    def __init__(self, decode, max_batch: int):
+        self.decode, self.max_batch = decode, max_batch  # decode(settings, [images]) -> [[stories], ...]
+        self.ready = threading.Condition()
+        self.waiting = []  # [settings, image, result, error, done] of requests not yet decoded
+        self.busy = False
+
+    def __call__(self, settings: tuple, image):
+        mine = [settings, image, None, None, False]
+        with self.ready:
+            self.waiting.append(mine)
+        while True:
+            with self.ready:
+                while self.busy and not mine[4]:
+                    self.ready.wait()
+                if mine[4]:
+                    break
+                self.busy = True
+                batch = [r for r in self.waiting if r[0] == settings][:self.max_batch]  # the oldest first
+                for r in batch:
+                    self.waiting.remove(r)
+            try:
+                results, error = self.decode(settings, [r[1] for r in batch]), None
+            except Exception as err:
+                results, error = [None] * len(batch), err
+            with self.ready:
+                for r, result in zip(batch, results):
+                    r[2:] = [result, error, True]
+                self.busy = False
+                self.ready.notify_all()
+        if mine[3] is not None:
+            raise mine[3]
+        return mine[2]
 
 
 class Storyteller:
     """The model, loaded once, and the page's Generate button."""
 
-    def __init__(self, checkpoint, device="auto"):
+    def __init__(self, checkpoint, device="auto", max_batch=1):
         self.device = utils.pick_device(device)
         self.model, self.tokenizer = utils.load_model(utils.load_checkpoint(checkpoint), where=checkpoint)
         self.model.to(self.device).eval()
         self.styles = list(getattr(self.model.config, "styles", None) or [])  # checkpoints trained with styles
         self.room = generate.story_room(self.model)
+        self.batcher = Batcher(self.decode, max_batch)
+
+    def decode(self, settings: tuple, images: list) -> list[list[str]]:
+        """Stories for several RGB PIL images, all with the same settings (see stories)."""
+        style, strategy, temperature, max_new_tokens, num_stories = settings
+        args = argparse.Namespace(**{**generate.DEFAULTS, "strategy": strategy, "temperature": temperature,
+                                     "num_stories": num_stories})
+        gen_config = generate.generation_config(args, self.tokenizer, min(max_new_tokens, self.room))
+        style_arg = {"style": style} if style else {}  # only a model trained with styles takes one
+        named = [(str(k), image) for k, image in enumerate(images)]
+        return [stories for _, stories in generate.write_stories(self.model, self.tokenizer, named, gen_config,
+                                                                 len(named), **style_arg)]
 
     def stories(self, image, style=None, strategy=generate.DEFAULTS["strategy"],
                 temperature=generate.DEFAULTS["temperature"], max_new_tokens=generate.DEFAULTS["max_new_tokens"],
                 num_stories=1) -> list[str]:
         """Stories about one RGB PIL image, decoded as generate.py does with the same settings."""
-        settings = argparse.Namespace(**{**generate.DEFAULTS, "strategy": strategy, "temperature": temperature,
-                                         "num_stories": num_stories})
-        gen_config = generate.generation_config(settings, self.tokenizer, min(max_new_tokens, self.room))
-        style_arg = {"style": style} if style else {}  # only a model trained with styles takes one
-        [(_, stories)] = generate.write_stories(self.model, self.tokenizer, [("image", image)], gen_config,
-                                                1, **style_arg)
-        return stories
+        return self.batcher((style, strategy, temperature, max_new_tokens, num_stories), image)
+
+    def settings(self, style, strategy, temperature, max_new_tokens, num_stories) -> tuple:
+        """The page's settings, checked: an API client can send any value, not only the sliders' ones."""
+        def number(kind, value, low, high, what):
+            try:
+                x = kind(value)
+            except (TypeError, ValueError, OverflowError):
+                x = None
+            if x is None or not low <= x <= high or (kind is int and x != float(value)):
+                raise gr.Error(f"{what} must be a number in [{low}, {high}], got {str(value)[:40]!r}",
+                               print_exception=False)
+            return x
+        if strategy not in STRATEGIES:
+            raise gr.Error(f"Strategy must be one of {', '.join(STRATEGIES)}", print_exception=False)
+        if style not in (None, "", *self.styles):
+            known = f"this model knows: {', '.join(self.styles)}" if self.styles else "this model has no styles"
+            raise gr.Error(f"Unknown style {str(style)[:40]!r}; {known}", print_exception=False)
+        temperature = number(float, temperature, *TEMPERATURES, "Temperature")
+        max_new_tokens = number(int, max_new_tokens, MIN_LENGTH, self.room, "Length")
+        num_stories = number(int, num_stories, 1, MAX_STORIES, "Stories")
+        if strategy == "greedy" and num_stories > 1:
+            raise gr.Error("Greedy decoding gives one story; choose sample or beam for several.", print_exception=False)
+        return style or None, strategy, temperature, max_new_tokens, num_stories
 
     def on_generate(self, upload, style, strategy, temperature, max_new_tokens, num_stories) -> str:
         """The Generate button: gradio's record of the uploaded file ({"path", "orig_name", ...}) and
         the settings in, the stories as text out. A problem the user can fix becomes a message in
         the page (gr.Error), not a traceback."""
-        if not upload:
-            raise gr.Error("Upload an image, drop one here, or pick a sample first.", print_exception=False)
-        if strategy == "greedy" and int(num_stories) > 1:
-            raise gr.Error("Greedy decoding gives one story; choose sample or beam for several.", print_exception=False)
-        name = upload.get("orig_name") or Path(upload["path"]).name
+        path = upload.get("path") if isinstance(upload, dict) else None  # Page checked it is an upload
+        if not isinstance(path, str):
+            raise gr.Error(NO_UPLOAD, print_exception=False)
+        settings = self.settings(style, strategy, temperature, max_new_tokens, num_stories)
+        name = str(upload.get("orig_name") or Path(path).name)[:200]
         try:
-            image = dataset.load_image(upload["path"], self.model.config.resize_size)
+            image = dataset.load_image(path, self.model.config.resize_size)
         except Exception as err:  # Pillow raises many types for broken files; each gets one line
-            raise gr.Error(dataset.describe_image_error(name, err), print_exception=False) from None
+            # Described by its real path (describe_image_error looks at the file), shown by the user's name.
+            message = dataset.describe_image_error(path, err)
+            raise gr.Error(name + message[len(path):], print_exception=False) from None
         try:
-            stories = self.stories(image, style or None, strategy, float(temperature), int(max_new_tokens),
-                                   int(num_stories))
+            stories = self.stories(image, *settings)
         except utils.UserError as err:  # e.g. a style this model does not know
             raise gr.Error(str(err), print_exception=False) from None
         if len(stories) == 1:
@@ -82,10 +209,41 @@ class Storyteller:
         return "\n\n".join(f"{k}. {story}" for k, story in enumerate(stories, start=1))
 
 
+def file_paths(value):
+    """The "path" of every file record ({"path": ..., "meta": ...}) in a request's value, however nested."""
+    if isinstance(value, dict):
+        if "path" in value:
+            yield value["path"]
+        for item in value.values():
+            yield from file_paths(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from file_paths(item)
+
+
+class Page(gr.Blocks):
+    """The page, which opens only files it was given: a request naming any other file (a path on
+    the server typed into an API call) gets the same answer as no upload at all.
+
+    Gradio records every file it receives (POST /gradio_api/upload) or copies into its cache (the
+    sample images) in temp_file_sets. Each path in a request is looked up there by its string before
+    gradio's own handling of the request, which would look at the file; nothing here touches it,
+    so a FIFO, a symlink out of the upload folder or /etc/passwd is neither opened nor stat'ed."""
+
+    async def preprocess_data(self, block_fn, inputs, state, explicit_call=False):
+        if not explicit_call:  # a call from this Python process itself (page.fns[0](...)) is trusted
+            if not isinstance(inputs, list) or len(inputs) != len(block_fn.inputs):  # gradio would print a traceback
+                raise gr.Error(f"expected {len(block_fn.inputs)} input values, as the page sends", print_exception=False)
+            for path in file_paths(inputs):
+                if not isinstance(path, str) or not any(path in files for files in self.temp_file_sets):
+                    raise gr.Error(NO_UPLOAD, print_exception=False)
+        return await super().preprocess_data(block_fn, inputs, state, explicit_call)
+
+
 def build_page(teller: Storyteller | None, problem: str | None = None) -> gr.Blocks:
     """The page; without a model it only says why (problem), so a browser user learns it too."""
     # analytics_enabled=False: no usage reports and no version check leave this machine.
-    with gr.Blocks(title="image-to-story", analytics_enabled=False) as page:
+    with Page(title="image-to-story", analytics_enabled=False) as page:
         if teller is None:
             gr.Markdown(f"# image-to-story\n**The model could not be loaded:** {problem}")
             return page
@@ -111,23 +269,32 @@ def build_page(teller: Storyteller | None, problem: str | None = None) -> gr.Blo
                 output = gr.Textbox(label="Stories", lines=8, interactive=False, elem_id="stories")
         # preprocess=False: the handler gets the uploaded file unopened. gr.Image's own preprocessing
         # opens it with Pillow, and a file that is not an image would fail there with no clear message.
+        # concurrency_limit="default": as many at once as page.queue(default_concurrency_limit=...) says.
         button.click(teller.on_generate, [image, style, strategy, temperature, length, count], output,
-                     preprocess=False)
+                     preprocess=False, concurrency_limit="default")
     return page
 
 
 def main(argv=None):
     args = parse_args(argv)
     dataset.set_max_image_pixels(args.max_image_pixels)
+    users = (args.auth or []) + (read_auth_file(args.auth_file) if args.auth_file else [])
+    if not users and not is_loopback(args.host):
+        print(f"warning: serving on {args.host} without --auth: anyone who can reach this machine can use the "
+              f"page and its API; add --auth-file FILE (one user:password per line)", file=sys.stderr)
     try:
-        teller, problem = Storyteller(args.checkpoint, args.device), None
+        teller, problem = Storyteller(args.checkpoint, args.device, max_batch=args.concurrency), None
     except utils.UserError as err:  # still serve the page: whoever opens it is told what is wrong
         teller, problem = None, str(err)
         print(f"error: {problem}", file=sys.stderr)
     page = build_page(teller, problem)
+    # One worker thread per request decoded at once (the Batcher puts them in one batch); more wait in
+    # the queue, up to --max-queue, and a request beyond that is refused at once with "Queue is full".
+    page.queue(default_concurrency_limit=args.concurrency, max_size=args.max_queue)
     try:
         # Gradio 6's default theme uses fonts shipped with gradio, so the page fetches nothing from the internet.
-        page.launch(server_name=args.host, server_port=args.port, share=False, allowed_paths=[str(SAMPLES)])
+        page.launch(server_name=args.host, server_port=args.port, share=False, allowed_paths=[str(SAMPLES)],
+                    auth=users or None, max_file_size=args.max_file_size)
     except OSError as err:
         reason = str(err).split(". ")[0]  # gradio's advice after the first sentence names its own parameters
         raise utils.UserError(f"cannot serve on {args.host}:{args.port} ({reason}); choose another --port") from None

@@ -688,7 +688,7 @@ def main(argv=None):
 
         # Model: new, or the one being resumed (its tokenizer and weights).
         if ckpt is not None:
-            model, tokenizer = utils.load_model(ckpt)
+            model, tokenizer = utils.load_model(ckpt, where=args.resume)
             sources = ckpt["sources"]
         else:
             tokenizer = (utils.train_tokenizer([ex.story for ex in examples], args.vocab_size) if args.preset == "tiny"

@@ -446,12 +446,14 @@ def load_resnet50_weights(encoder: torch.nn.Module, weights_file=None) -> None:
         raise UserError(f"{weights_file}: not ResNet-50 weights ({str(err).splitlines()[0][:200]})") from None
 
 
-def check_timm_name(name: str) -> None:
-    """An unknown timm model name is one line that says how to find the right one."""
+def check_timm_name(name: str, where: str | None = None) -> None:
+    """An unknown timm model name is one line that says how to find the right one (where: the
+    checkpoint that names it, if not the command line)."""
     import timm
     if not timm.is_model(name):
         pattern = "*" + name.split(".")[0].split("_")[0] + "*"
-        raise UserError(f"--encoder timm:{name}: timm has no model of that name; list them with "
+        raise UserError(f"{where or '--encoder timm:' + name}: timm has no model named {name!r} (this timm is "
+                        f"{timm.__version__}); list them with "
                         f"python -c \"import timm; print(timm.list_models('{pattern}'))\"")
 
 
@@ -532,17 +534,127 @@ def tokenizer_to_json(tokenizer) -> str:
 
 # ----------------------------------------------------------------------------- models
 
+# A checkpoint is data from anywhere: its config must not make this code allocate without bound.
+# 10 billion parameters is 40 GB of float32 weights, far beyond any model this repo trains; the
+# other bounds are each well above every published model's (GPT-2 XL, Llama 3 405B, CLIP ViT-bigG).
+MAX_PARAMETERS = 10_000_000_000
+MAX_CONFIG_INT = 2 ** 24  # any integer in a decoder or encoder config dict, checked before it is built
+SIZE_BOUNDS = {"hidden_size": 65_536, "num_hidden_layers": 1_024, "vocab_size": 4_194_304,
+               "max_position_embeddings": MAX_CONFIG_INT, "intermediate_size": 1_048_576}
+IMAGE_SIDE_BOUND = 4_096  # image_size and resize_size, in pixels
+STORY_BOUNDS = {"prefix_length": 4_096, "mapper_layers": 256}
+
+
+def _first_huge_int(d, trail=""):
+    """(key, value) of the first integer in d, nested dicts and lists included, above MAX_CONFIG_INT."""
+    items = d.items() if isinstance(d, dict) else enumerate(d) if isinstance(d, list) else ()
+    for key, value in items:
+        name = f"{trail}.{key}" if trail else str(key)
+        if isinstance(value, (dict, list)):
+            if (found := _first_huge_int(value, name)) is not None:
+                return found
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_CONFIG_INT:
+            return name, value
+    return None
+
+
+def _transformer_sizes(config, where, what) -> dict:
+    """The sizes of a transformers config, read through its generic names (GPT-2's n_embd, n_layer
+    and n_positions map to them); each must be a positive integer within SIZE_BOUNDS."""
+    sizes = {}
+    for name, bound in SIZE_BOUNDS.items():
+        value = getattr(config, name, None)
+        if name == "intermediate_size" and value is None:  # GPT-2's n_inner: None means 4 x hidden
+            value = getattr(config, "n_inner", None) or 4 * sizes.get("hidden_size", 0)
+        if value is None and name in ("vocab_size", "max_position_embeddings"):
+            continue  # a vision tower has neither
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= bound:
+            raise UserError(f"{where}: refused: its {what} has {name} = {value!r}, outside [1, {bound:,}]; "
+                            f"nothing was built; use a checkpoint written by this repo's train.py")
+        sizes[name] = value
+    return sizes
+
+
+def _transformer_parameters(s: dict) -> int:
+    """An upper estimate of a transformer's parameters: embeddings and an untied output layer, and per
+    layer the attention (4 h^2) and a gated MLP (3 h i)."""
+    h = s["hidden_size"]
+    embeddings = (2 * s.get("vocab_size", 0) + s.get("max_position_embeddings", 0)) * h
+    return embeddings + s["num_hidden_layers"] * (4 * h * h + 3 * h * s["intermediate_size"])
+
+
+def check_config_sane(config: dict, where="checkpoint") -> None:
+    """Refuses, with one line, a checkpoint config that would build an absurd model: a size that is
+    negative, zero or enormous, a prefix that leaves no room in the decoder's context, or more than
+    MAX_PARAMETERS parameters in all. Runs before anything is built: plain integers are checked before a
+    transformers config is made from them, and the sizes before the parameter count is estimated."""
+    from transformers import AutoConfig
+
+    def refuse(what):
+        raise UserError(f"{where}: refused: {what}; nothing was built; use a checkpoint written by this repo's train.py")
+
+    def integer(key, low, high):
+        value = config.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high):
+            refuse(f"its config has {key} = {value!r}, outside [{low}, {high:,}]")
+        return value or 0
+
+    for key in ("image_size", "resize_size"):
+        integer(key, 1, IMAGE_SIDE_BOUND)
+    prefix_length = integer("prefix_length", 1, STORY_BOUNDS["prefix_length"])
+    mapper_layers = integer("mapper_layers", 0, STORY_BOUNDS["mapper_layers"])
+    styles = config.get("styles") or []
+    if not isinstance(styles, list) or len(styles) > 100_000:
+        refuse(f"its config lists {len(styles) if isinstance(styles, list) else 'malformed'} styles")
+    sized = {}
+    for key, what in (("decoder", "decoder"), ("encoder_config", "encoder")):
+        d = config.get(key) or {}
+        if not isinstance(d, dict):
+            refuse(f"its {what} config is not a dict")
+        if (huge := _first_huge_int(d)) is not None:
+            refuse(f"its {what} config has {huge[0]} = {huge[1]:,}, above {MAX_CONFIG_INT:,}")
+        if key == "encoder_config" and "hidden_size" not in d:
+            continue  # a ResNet's size is fixed by its name; only a CLIP-style tower has a config
+        try:
+            built = AutoConfig.for_model(**d) if "model_type" in d else None
+        except Exception as err:  # unknown model_type, wrong types: transformers raises several kinds
+            reason = (str(err).strip().split(". ")[0].splitlines() or [type(err).__name__])[0][:150]
+            refuse(f"its {what} config cannot be read ({reason})")
+        if built is not None:
+            sized[what] = _transformer_sizes(built, where, f"{what} config")
+    decoder = sized.get("decoder")
+    if decoder is None:
+        refuse("its config has no decoder config with a model_type")
+    prefix_tokens = prefix_length + bool(styles)
+    if prefix_tokens >= decoder.get("max_position_embeddings", math.inf):
+        refuse(f"its image prefix ({prefix_tokens} positions) leaves no room for a story in the decoder's "
+               f"context of {decoder['max_position_embeddings']} positions")
+    # The mapper (model.build_mapper): features -> prefix_length x hidden, with an MLP's hidden layer or a
+    # transformer's layers; a ResNet-50 (25 million) stands for an encoder without a config.
+    h, out = decoder["hidden_size"], prefix_length * decoder["hidden_size"]
+    encoder = config.get("encoder_config") or {}
+    features = encoder.get("projection_dim") or encoder.get("num_features") or 2_048
+    mapper = features * out + {"mlp": out * out // 2, "transformer": mapper_layers * 8 * h * h}.get(config.get("mapper"), 0)
+    total = sum(map(_transformer_parameters, sized.values())) + mapper + 25_000_000
+    if total > MAX_PARAMETERS:
+        refuse(f"its config builds about {total / 1e9:,.0f} billion parameters, over the limit of "
+               f"{MAX_PARAMETERS / 1e9:,.0f} billion")
+
+
 def load_model(ckpt: dict, decoder=None, encoder_weights=None, clip=None, where="checkpoint"):
     """Rebuilds (model, tokenizer) from a checkpoint loaded by load_checkpoint (where: its path,
     for messages). Weights the checkpoint does not hold (a frozen pretrained encoder or decoder, the
     base under LoRA adapters) come from where training took them, or from the decoder / encoder_weights
-    / clip overrides."""
+    / clip overrides. An absurd config is refused first (check_config_sane), before anything is built."""
     from model import StoryConfig, StoryModel
+    check_config_sane(ckpt["config"], where)
     incompatible = "it was written by an incompatible version of this code; re-train it"
     try:
         config = StoryConfig.from_dict(ckpt["config"])
     except (TypeError, KeyError, ValueError) as err:
         raise UserError(f"{where}: has a config this code cannot build ({err}); {incompatible}") from None
+    if config.encoder.startswith("timm:"):  # a name this timm does not know would fail deep inside it
+        check_timm_name(config.encoder.removeprefix("timm:"), where)
     sources = ckpt.get("sources", {})
     base = None
     if sources.get("decoder") is not None:

@@ -1,13 +1,21 @@
-"""The web app: its Generate handler called directly, and the page driven in headless Chromium."""
+"""The web app: its Generate handler called directly, the real server over HTTP as API clients
+call it (only files it received are opened, a login, limits, eight clients at once), and the page
+driven in headless Chromium."""
+import errno
 import json
+import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import urlparse
+
+import httpx
 
 import gradio as gr
 import pytest
@@ -110,13 +118,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def served_app(tiny_checkpoint, tmp_path):
-    """`python app.py` as a user starts it, on a free port; yields its URL once it answers."""
+USER, PASSWORD = "reader", "a long pass phrase"  # a space and no colon: read from the file as written
+MAX_FILE_SIZE = 200_000  # over every sample image (the largest is 128 kB)
+
+
+@pytest.fixture(scope="module")
+def service(tiny_checkpoint, tmp_path_factory):
+    """`python app.py` as someone serving it to others starts it: behind a login (--auth-file), with
+    a small --max-file-size, on a free port. Its upload folder (GRADIO_TEMP_DIR) is known, so a test
+    can plant files in it. One server for every test here: starting one takes seconds."""
+    root = tmp_path_factory.mktemp("service")
+    users = root / "users.txt"
+    users.write_text(f"# who may log in\n{USER}:{PASSWORD}\n")
+    log_path = root / "app.log"
     port = free_port()
-    log = open(tmp_path / "app.log", "w")
-    proc = subprocess.Popen([sys.executable, "app.py", "--checkpoint", str(tiny_checkpoint), "--port", str(port),
-                             "--device", "cpu"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "app.py", "--checkpoint", str(tiny_checkpoint), "--port", str(port),
+                                 "--device", "cpu", "--auth-file", str(users), "--max-file-size", str(MAX_FILE_SIZE),
+                                 "--concurrency", "8", "--max-queue", "16"],
+                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "GRADIO_TEMP_DIR": str(root / "uploads")})
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + 180
@@ -126,17 +147,132 @@ def served_app(tiny_checkpoint, tmp_path):
                 break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"app.py did not start:\n{(tmp_path / 'app.log').read_text()}")
+                    pytest.fail(f"app.py did not start:\n{log_path.read_text()}")
                 time.sleep(0.3)
-        yield url
+        yield SimpleNamespace(url=url, uploads=root / "uploads", log=log_path)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-        log.close()
-    assert "Traceback" not in (tmp_path / "app.log").read_text()
+    assert "Traceback" not in log_path.read_text()
 
 
-def test_in_chromium_upload_generate_read_and_nothing_leaves_localhost(served_app, tmp_path):
+def logged_in(service) -> httpx.Client:
+    """An HTTP client holding the login cookie, as the page's own requests do."""
+    client = httpx.Client(base_url=service.url, timeout=60)
+    assert client.post("login", data={"username": USER, "password": PASSWORD}).status_code == 200
+    return client
+
+
+def upload(client, path) -> str:
+    """POST /gradio_api/upload, as the page does when a file is dropped on it: the server's path of the copy."""
+    with open(path, "rb") as f:
+        response = client.post("gradio_api/upload", files={"files": (Path(path).name, f)})
+    assert response.status_code == 200, response.text
+    [server_path] = response.json()
+    return server_path
+
+
+def call(client, path, settings=("", "greedy", 0.8, 20, 1), read=True):
+    """The Generate button's API (/gradio_api/call/on_generate) with a file record naming path:
+    ("complete", [stories]) or ("error", message)."""
+    record = {"path": path, "orig_name": Path(path).name, "meta": {"_type": "gradio.FileData"}}
+    response = client.post("gradio_api/call/on_generate", json={"data": [record, *settings]})
+    assert response.status_code == 200, response.text
+    event_id = response.json()["event_id"]
+    if not read:
+        return event_id
+    lines = client.get(f"gradio_api/call/on_generate/{event_id}").text.splitlines()
+    kind = lines[0].removeprefix("event: ")
+    data = json.loads(lines[1].removeprefix("data: "))
+    return kind, data["error"] if kind == "error" else data
+
+
+def test_the_api_opens_only_files_the_server_received(service, tmp_path):
+    client = logged_in(service)
+    kind, [story] = call(client, upload(client, BOAT))
+    assert kind == "complete" and len(story.split()) >= 5
+
+    elsewhere = tmp_path / "elsewhere.jpg"  # a real picture on the server's disk, never uploaded
+    shutil.copy(BOAT, elsewhere)
+    fifo = tmp_path / "fifo.jpg"  # opening it would block until something writes to it
+    os.mkfifo(fifo)
+    planted = service.uploads / "planted"  # inside the upload folder, but not put there by an upload
+    planted.mkdir(parents=True, exist_ok=True)
+    (planted / "boat.jpg").symlink_to(elsewhere)
+    (planted / "passwd").symlink_to("/etc/passwd")
+    shutil.copy(BOAT, planted / "copy.jpg")
+    for path in [elsewhere, "/etc/passwd", fifo, planted / "boat.jpg", planted / "passwd", planted / "copy.jpg",
+                 BOAT, "data/images/night_sea_boat.jpg", "http://127.0.0.1:1/x.jpg", ""]:
+        start = time.monotonic()
+        assert call(client, str(path)) == ("error", app.NO_UPLOAD), path
+        assert time.monotonic() - start < 10  # answered at once: nothing waited on the FIFO
+    # No process holds the FIFO open for reading: had the server opened it, it would still be waiting
+    # there for a writer, and this open would succeed.
+    with pytest.raises(OSError) as nobody:
+        os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    assert nobody.value.errno == errno.ENXIO
+
+
+def test_a_login_guards_the_page_and_its_api(service):
+    from gradio_client import Client, handle_file
+    stranger = httpx.Client(base_url=service.url, timeout=30)
+    assert stranger.post("gradio_api/call/on_generate", json={"data": [None, "", "greedy", 0.8, 20, 1]}).status_code == 401
+    assert stranger.post("gradio_api/upload", files={"files": ("a.jpg", b"x")}).status_code == 401
+    assert stranger.post("login", data={"username": USER, "password": "wrong"}).status_code == 400
+    with pytest.raises(Exception):
+        Client(service.url, verbose=False).predict(handle_file(BOAT), "", "greedy", 0.8, 20, 1, api_name="/on_generate")
+    story = Client(service.url, auth=(USER, PASSWORD), verbose=False).predict(
+        handle_file(BOAT), "", "greedy", 0.8, 20, 1, api_name="/on_generate")
+    assert len(story.split()) >= 5
+
+
+def test_eight_clients_at_once_then_junk_and_a_hang_up_never_wedge_the_queue(service):
+    from gradio_client import Client, handle_file
+    photos = sorted((DATA / "images").glob("*.jpg"))[:8]
+    stories, errors = {}, []
+
+    def one_client(photo):
+        try:
+            client = Client(service.url, auth=(USER, PASSWORD), verbose=False)
+            stories[photo] = client.predict(handle_file(photo), "", "sample", 0.8, 20, 1, api_name="/on_generate")
+        except Exception as err:  # a refusal ("Queue is full") or anything else fails the test below
+            errors.append(f"{photo.name}: {err!r}")
+
+    threads = [threading.Thread(target=one_client, args=(photo,)) for photo in photos]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == [] and len(stories) == 8 and all(len(s.split()) >= 3 for s in stories.values())
+
+    client = logged_in(service)
+    boat = upload(client, BOAT)
+    junk = [(["not", "a", "request"], "expected 6 input values, as the page sends"),
+            ([{"path": boat}, "", "nucleus", 0.8, 20, 1], "Strategy must be one of"),
+            ([{"path": boat}, "", "sample", "hot", 20, 1], "Temperature must be a number in [0.1, 2.0]"),
+            ([{"path": boat}, "", "sample", 0.8, 10 ** 9, 1], "Length must be a number in [8, "),
+            ([{"path": boat}, "", "sample", 0.8, 20, 10 ** 9], "Stories must be a number in [1, 5]"),
+            ([{"path": boat}, "noir", "sample", 0.8, 20, 1], "Unknown style 'noir'; this model has no styles")]
+    for data, message in junk:
+        response = client.post("gradio_api/call/on_generate", json={"data": data})
+        lines = client.get(f"gradio_api/call/on_generate/{response.json()['event_id']}").text.splitlines()
+        assert lines[0] == "event: error" and json.loads(lines[1][6:])["error"].startswith(message), lines
+    assert client.post("gradio_api/call/on_generate", content=b"{not json").status_code >= 400
+    too_big = client.post("gradio_api/upload", files={"files": ("big.png", b"x" * (MAX_FILE_SIZE + 1))})
+    assert too_big.status_code == 413 and too_big.text == f"File size exceeded maximum allowed size of {MAX_FILE_SIZE} bytes."
+
+    # A client asks for five long stories and hangs up as soon as its request is queued.
+    event_id = call(client, boat, ("", "beam", 0.8, 100, 5), read=False)
+    with client.stream("GET", f"gradio_api/call/on_generate/{event_id}") as hung_up:
+        next(hung_up.iter_bytes())
+    kind, [story] = call(client, boat)  # the next one is still answered
+    assert kind == "complete" and len(story.split()) >= 5
+    story = Client(service.url, auth=(USER, PASSWORD), verbose=False).predict(
+        handle_file(photos[0]), "", "greedy", 0.8, 20, 1, api_name="/on_generate")  # and a ninth gradio_client
+    assert len(story.split()) >= 5
+
+
+def test_in_chromium_log_in_upload_generate_read_and_nothing_leaves_localhost(service, tmp_path):
     if not Path(CHROMIUM).is_file():
         pytest.skip("Chromium not found: install Debian's package (apt-get install -y chromium; .ci/run does)")
     from playwright.sync_api import expect, sync_playwright
@@ -152,7 +288,10 @@ def test_in_chromium_upload_generate_read_and_nothing_leaves_localhost(served_ap
         try:
             page = browser.new_page()
             page.on("request", note)
-            page.goto(served_app)
+            page.goto(service.url)
+            page.get_by_label("username").fill(USER)
+            page.get_by_label("password").fill(PASSWORD)
+            page.get_by_role("button", name="Login").click()
             upload = page.locator("input[type=file]").first
             generate_button = page.get_by_role("button", name="Generate")
             stories = page.locator("#stories textarea")
@@ -162,6 +301,13 @@ def test_in_chromium_upload_generate_read_and_nothing_leaves_localhost(served_ap
             generate_button.click()
             expect(stories).not_to_have_value("", timeout=60_000)
             assert len(stories.input_value().split()) >= 5
+
+            # A sample image: the page sends gradio's cached copy, which the server accepts as its own.
+            first = stories.input_value()
+            page.locator(".gallery-item").first.click()
+            generate_button.click()
+            expect(stories).not_to_have_value(first, timeout=60_000)  # another picture, another story
+            assert app.NO_UPLOAD not in page.content()
 
             bad = tmp_path / "photo.png"
             bad.write_text("not a picture, only text")
@@ -183,3 +329,95 @@ def test_an_image_over_the_pixel_limit_is_a_message_naming_the_flag(teller, tmp_
         teller.on_generate({"path": str(big), "orig_name": "big.png"}, "", "sample", 0.8, 20, 1)
     assert err.value.message.startswith("big.png: 10000 pixels, over the limit of 1000")
     assert "--max-image-pixels 10000" in err.value.message
+
+
+# ----------------------------------------------------------------------------- serving to others
+
+def test_requests_that_arrive_together_are_decoded_in_one_batch_each_getting_its_own_stories():
+    batches = []
+
+    def decode(settings, images):
+        batches.append((settings, list(images)))
+        time.sleep(0.2)  # long enough for the other requests to arrive and wait
+        return [[f"{settings[0]} story of {image}"] for image in images]
+
+    batcher = app.Batcher(decode, max_batch=4)
+    results = {}
+    requests = [(("plain",), k) for k in range(6)] + [(("noir",), 6)]
+    threads = [threading.Thread(target=lambda s=s, k=k: results.setdefault(k, batcher(s, k))) for s, k in requests]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.01)
+    for thread in threads:
+        thread.join(timeout=10)
+    assert results == {k: [f"{s[0]} story of {k}"] for s, k in requests}
+    assert all(len(images) <= 4 for _, images in batches)
+    assert len(batches) <= 4 and max(len(images) for _, images in batches) >= 3  # together, not one by one
+    assert all(set(images) <= {k for s2, k in requests if s2 == s} for s, images in batches)  # never mixed
+
+
+def test_a_failing_batch_fails_only_its_own_requests():
+    def decode(settings, images):
+        time.sleep(0.1)
+        if settings == ("bad",):
+            raise utils.UserError("this batch failed")
+        return [["fine"] for _ in images]
+
+    batcher = app.Batcher(decode, max_batch=8)
+    outcome = {}
+
+    def ask(settings, k):
+        try:
+            outcome[k] = batcher(settings, k)
+        except utils.UserError as err:
+            outcome[k] = str(err)
+    threads = [threading.Thread(target=ask, args=(("bad",) if k == 1 else ("good",), k)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert outcome == {0: ["fine"], 1: "this batch failed", 2: ["fine"], 3: ["fine"]}
+
+
+@pytest.mark.parametrize("settings, message", [
+    (("", "nucleus", 0.8, 20, 1), "Strategy must be one of sample, beam, greedy"),
+    (("", "sample", float("nan"), 20, 1), "Temperature must be a number in [0.1, 2.0], got 'nan'"),
+    (("", "sample", 0.8, 20.5, 1), "Length must be a number in [8, "),
+    (("", "sample", 0.8, 20, 10 ** 9), "Stories must be a number in [1, 5], got '1000000000'"),
+    (("", "sample", 0.8, None, 1), "Length must be a number in [8, "),
+    (("funny", "sample", 0.8, 20, 1), "Unknown style 'funny'; this model has no styles"),
+], ids=["strategy", "nan temperature", "fractional length", "a billion stories", "no length", "style"])
+def test_settings_sent_by_an_api_client_are_checked(teller, settings, message):
+    with pytest.raises(gr.Error) as err:
+        teller.on_generate({"path": str(BOAT)}, *settings)
+    assert err.value.message.startswith(message)
+
+
+def test_a_network_address_without_a_login_warns_and_the_limits_reach_gradio(tmp_path, monkeypatch, capsys):
+    served = []
+    monkeypatch.setattr(gr.Blocks, "launch", lambda page, **kw: served.append((page, kw)))
+    app.main(["--checkpoint", str(tmp_path / "none.pt"), "--host", "0.0.0.0"])
+    warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warning == ["warning: serving on 0.0.0.0 without --auth: anyone who can reach this machine can use the "
+                       "page and its API; add --auth-file FILE (one user:password per line)"]
+
+    users = tmp_path / "users.txt"
+    users.write_text("\n# readers\nann:pass:with:colons\n bob : two words \n")
+    app.main(["--checkpoint", str(tmp_path / "none.pt"), "--host", "0.0.0.0", "--auth-file", str(users),
+              "--auth", "cy:x", "--max-file-size", "1000", "--concurrency", "3", "--max-queue", "5"])
+    assert "warning" not in capsys.readouterr().err
+    page, kw = served[-1]
+    assert kw["auth"] == [("cy", "x"), ("ann", "pass:with:colons"), ("bob", " two words ")]
+    assert kw["max_file_size"] == 1000
+    assert page._queue.max_size == 5 and page._queue.default_concurrency_limit == 3
+
+
+def test_a_bad_auth_file_names_each_bad_line_and_never_shows_a_password(tmp_path, capsys):
+    users = tmp_path / "users.txt"
+    users.write_text("ann:fine\nsecretword\n:nouser\nbob:\n")
+    with pytest.raises(SystemExit) as stop:
+        utils.run_cli(lambda: app.main(["--checkpoint", str(tmp_path / "none.pt"), "--auth-file", str(users)]))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "secretword" not in err and "nouser" not in err
+    assert err.splitlines() == [f"error: {users}:{n}: expected user:password (a name, a colon, a password)"
+                                for n in (2, 3, 4)] + ["error: 3 problems found; fix them and run again"]

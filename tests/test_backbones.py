@@ -155,8 +155,8 @@ def test_the_prefix_starts_on_the_decoders_embedding_scale(backbones):
 
 @pytest.mark.parametrize("case, extra, expected", [
     ("unknown timm name", ["--encoder", "timm:convnext_tinyy"],
-     "error: --encoder timm:convnext_tinyy: timm has no model of that name; list them with "
-     "python -c \"import timm; print(timm.list_models('*convnext*'))\""),
+     f"error: --encoder timm:convnext_tinyy: timm has no model named 'convnext_tinyy' (this timm is "
+     f"{timm.__version__}); list them with python -c \"import timm; print(timm.list_models('*convnext*'))\""),
     ("weights of another architecture", ["--encoder", "timm:test_vit", "--encoder-weights", "{root}/effnet.pth"],
      "error: {root}/effnet.pth: not weights of timm's test_vit ("),
     ("not a causal LM", ["--decoder", "{root}/vision"], "error: {root}/vision: not a causal LM model (loading it failed:"),

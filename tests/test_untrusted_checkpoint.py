@@ -1,0 +1,99 @@
+"""A checkpoint is data from anywhere: one whose config would build an absurd model is refused with
+one line before anything is built, by every script that loads one (they all go through
+utils.load_model, which calls utils.check_config_sane first)."""
+import time
+
+import pytest
+import torch
+
+import utils
+from conftest import DATA, run_script
+
+GOOD = DATA / "images" / "day_grass_house.jpg"
+
+
+def edited(ckpt, **changes):
+    """A copy of ckpt with config keys (and decoder keys, given as decoder_KEY) changed."""
+    config = {**ckpt["config"], "decoder": dict(ckpt["config"]["decoder"])}
+    for key, value in changes.items():
+        if key.startswith("decoder_"):
+            config["decoder"][key.removeprefix("decoder_")] = value
+        else:
+            config[key] = value
+    return {**ckpt, "config": config}
+
+
+CASES = [  # (name, config changes, what the line says)
+    ("a billion layers", dict(decoder_n_layer=10 ** 9), "its decoder config has n_layer = 1,000,000,000, above 16,777,216"),
+    ("negative width", dict(decoder_n_embd=-8), "its decoder config has hidden_size = -8, outside [1, 65,536]"),
+    ("zero vocabulary", dict(decoder_vocab_size=0), "its decoder config has vocab_size = 0, outside [1, 4,194,304]"),
+    ("billions of parameters", dict(decoder_n_layer=1000, decoder_n_embd=8192, decoder_n_head=64),
+     "its config builds about 1,074 billion parameters, over the limit of 10 billion"),
+    ("a huge mapper", dict(prefix_length=4000, mapper="mlp", decoder_n_positions=8192, decoder_n_embd=4096,
+                           decoder_n_head=32), "its config builds about 134,252 billion parameters"),
+    ("prefix longer than the context", dict(prefix_length=500),
+     "its image prefix (500 positions) leaves no room for a story in the decoder's context of 128 positions"),
+    ("huge images", dict(image_size=100_000), "its config has image_size = 100000, outside [1, 4,096]"),
+    ("unknown decoder type", dict(decoder_model_type="no-such-model"), "its decoder config cannot be read ("),
+]
+IDS = [c[0] for c in CASES]
+
+
+@pytest.fixture(scope="module")
+def crafted(tiny_checkpoint, tmp_path_factory):
+    """Each case saved as a checkpoint file (plain tensors and data: it loads with weights_only=True)."""
+    folder = tmp_path_factory.mktemp("crafted")
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    for name, changes, _ in CASES:
+        torch.save(edited(ckpt, **changes), folder / f"{name.replace(' ', '_')}.pt")
+    return folder
+
+
+def path_of(crafted, name):
+    return crafted / f"{name.replace(' ', '_')}.pt"
+
+
+@pytest.mark.parametrize("name, changes, expected", CASES, ids=IDS)
+def test_load_model_refuses_before_building(name, changes, expected, crafted):
+    path = path_of(crafted, name)
+    start = time.perf_counter()
+    with pytest.raises(utils.UserError) as err:
+        utils.load_model(utils.load_checkpoint(path), where=str(path))
+    # Building any of these would take minutes and gigabytes (or never finish): refused at once.
+    assert time.perf_counter() - start < 2
+    assert str(err.value).startswith(f"{path}: refused: {expected}")
+    assert str(err.value).endswith("nothing was built; use a checkpoint written by this repo's train.py")
+    assert "\n" not in str(err.value)
+
+
+def test_generate_py_exits_2_with_one_line(crafted):
+    name = "a billion layers"  # the other cases go through the same utils.load_model, tested above
+    path = path_of(crafted, name)
+    done = run_script("generate.py", GOOD, "--checkpoint", path, "--device", "cpu", timeout=120)
+    # (torch may log warnings of its own while importing; the refusal is the one error line)
+    [line] = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and done.stdout == "" and "Traceback" not in done.stderr
+    assert line.startswith(f"error: {path}: refused: {dict((c[0], c[2]) for c in CASES)[name]}")
+
+
+def test_train_py_resume_exits_2_with_one_line(crafted, tmp_path):
+    path = path_of(crafted, "billions of parameters")
+    out = tmp_path / "resumed.pt"
+    done = run_script("train.py", "--preset", "tiny", "--images", DATA / "images", "--stories", DATA / "stories.txt",
+                      "--device", "cpu", "--resume", path, "--out", out, timeout=120)
+    errors = done.stderr.splitlines()
+    assert done.returncode == 2 and [line for line in errors if line.startswith("error:")] == errors[-1:]
+    assert errors[-1].startswith(f"error: {path}: refused: its config builds about 1,074 billion parameters")
+    assert not out.exists() and "Traceback" not in done.stderr
+
+
+def test_every_preset_passes(tiny_checkpoint):
+    """The models this repo does build stay well inside the limits, GPT-2 XL and a Llama 3 8B included."""
+    from transformers import GPT2Config, LlamaConfig
+    config = torch.load(tiny_checkpoint, weights_only=True)["config"]
+    utils.check_config_sane(config)
+    xl = GPT2Config(n_layer=48, n_embd=1600, n_head=25).to_dict()
+    utils.check_config_sane({**config, "decoder": xl, "mapper": "transformer", "prefix_length": 40})
+    llama = LlamaConfig(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, vocab_size=128256,
+                        max_position_embeddings=131072, num_attention_heads=32, num_key_value_heads=8).to_dict()
+    utils.check_config_sane({**config, "decoder": llama})
