@@ -91,7 +91,7 @@ def parse_args(argv=None):
     s.add_argument("--prompt", default=PROMPT, help="what the writer is asked; {caption} is replaced by the caption "
                                                     "(default: %(default)r)")
     s.add_argument("--batch-size", type=int, default=8, help="captions per generate() call (default: %(default)s)")
-    s.add_argument("--max-new-tokens", type=int, default=120, help="longest story, in tokens (default: %(default)s)")
+    s.add_argument("--max-new-tokens", type=int, default=80, help="longest story, in tokens (default: %(default)s)")
     s.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 always takes the likeliest "
                                                                   "token (default: %(default)s)")
     s.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: %(default)s)")
