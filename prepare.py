@@ -149,11 +149,16 @@ def write_stories(args):
         raise UserError(f"--prompt {args.prompt!r}: has no {{caption}} to put the caption in")
     if args.batch_size < 1 or args.max_new_tokens < 1 or args.temperature < 0:
         raise UserError("--batch-size and --max-new-tokens take a number >= 1, --temperature one >= 0")
+    if Path(args.out).resolve() == Path(args.captions).resolve():
+        raise UserError(f"--out {args.out}: is the captions file; write the stories to another file")
     captions, problems = parse_stories(args.captions)
     if problems:
         raise DataError([message for _, message in problems])
     done = stories_done(args.out, args.captions, [ex.image for ex in captions])
     todo = captions[done:]
+    if not todo:
+        print(f"{args.out} already holds the stories of all {len(captions)} captions; nothing to do")
+        return
     writer = args.writer or (LOCAL_WRITER if Path(LOCAL_WRITER).is_dir() else HUB_WRITER)
     ways_out = "run `python prepare.py weights` to make weights/, or pass --writer with a chat model's folder or hub name"
     model = _from_pretrained(AutoModelForCausalLM, writer, "writer", "--writer", ways_out)

@@ -53,8 +53,11 @@ def test_batched_stories_equal_one_by_one(writer, captions, tmp_path):
     assert len({line.split("\t")[-1] for line in batched}) > 1  # the stories do depend on the caption
 
 
-def test_a_run_cut_short_continues_where_it_stopped(writer, captions, tmp_path, capsys):
+def test_a_run_cut_short_continues_where_it_stopped(writer, captions, tmp_path, capsys, monkeypatch):
+    # The random writer names nothing: keep the stories of some captions, so that both kinds of line are resumed.
+    monkeypatch.setattr(prepare, "mentions", lambda story, caption: "o" in caption.split()[1])
     whole = stories(writer, captions, tmp_path / "whole.txt", "--batch-size", "2")
+    assert [line.startswith("#") for line in whole] == [False, True, True, False, True]
     out = tmp_path / "cut.txt"
     text = (tmp_path / "whole.txt").read_text()
     lines = text.splitlines(keepends=True)
@@ -63,7 +66,8 @@ def test_a_run_cut_short_continues_where_it_stopped(writer, captions, tmp_path, 
     assert stories(writer, captions, out, "--batch-size", "2") == whole
     assert "writing stories for 3 captions" in capsys.readouterr().out  # the two finished ones were not redone
     assert out.read_text() == text
-    assert stories(writer, captions, out) == whole  # a finished file: nothing left to do
+    assert stories(writer, captions, out) == whole
+    assert "already holds the stories of all 5 captions; nothing to do" in capsys.readouterr().out
 
 
 def test_stories_that_miss_their_caption_are_dropped_and_counted(writer, captions, tmp_path, capsys, monkeypatch):
