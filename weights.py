@@ -71,7 +71,10 @@ def make_weights(out, find_links=None, log=print) -> bool:
         return False
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: exists but is not a complete weights folder; remove it or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{out.parent}: cannot create the folder ({err.strerror}); choose another --out") from None
     free_mb = shutil.disk_usage(out.parent).free // 2**20
     if free_mb < NEEDED_MB:
         raise UserError(f"{out.parent}: only {free_mb} MiB free, the weights need about {NEEDED_MB} MiB while they are "
@@ -101,6 +104,9 @@ def make_weights(out, find_links=None, log=print) -> bool:
         if disk_full(err):
             raise UserError(f"{out.parent}: disk full while writing the weights; free about {NEEDED_MB} MiB or choose "
                             f"another --out; nothing was written") from None
+        if isinstance(err, OSError):  # a folder we may not write in, a file system that refuses the rename...
+            raise UserError(f"{out.parent}: cannot write the weights ({err.strerror or err}); choose another --out; "
+                            f"nothing was written") from None
         raise
     step(f"wrote {out}: {LM_DIR}/ ({folder_mb(out / LM_DIR)} MiB), {ENCODER_FILE} ({folder_mb(out / ENCODER_FILE)} MiB), README")
     return True
