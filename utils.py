@@ -310,6 +310,14 @@ def _check_hub(what: str, name: str, ways_out: str) -> None:
                         f"reachable; {ways_out}")
 
 
+def hub_available(name: str) -> bool:
+    """Whether a hub model can be had: its config is in the Hugging Face cache, or the hub answers."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return True
+    return not constants.HF_HUB_OFFLINE and _host_reachable(constants.ENDPOINT)
+
+
 def check_model_path(name_or_dir: str, what: str = "decoder", flag: str = "--decoder") -> None:
     """A value that is clearly a path must be a folder: never ask the hub for '/data/gpt2'."""
     path = Path(name_or_dir).expanduser()

