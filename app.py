@@ -11,6 +11,7 @@ import gradio as gr
 
 import dataset
 import generate
+import quantize
 import utils
 
 SAMPLES = Path(__file__).resolve().parent / "data" / "images"
@@ -32,6 +33,7 @@ def parse_args(argv=None):
                    help="address to serve on; 0.0.0.0 opens the page to your network (default: %(default)s)")
     p.add_argument("--port", type=port_number, default=7860, help="port to serve on (default: %(default)s)")
     p.add_argument("--device", type=utils.parse_device, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    generate.add_quantize_arg(p)
     p.add_argument("--max-image-pixels", type=generate.non_negative_int,
                    help="refuse larger uploads, a guard against decompression bombs; 0 = no limit (default: Pillow's, about 89 million)")
     return p.parse_args(argv)
@@ -40,10 +42,12 @@ def parse_args(argv=None):
 class Storyteller:
     """The model, loaded once, and the page's Generate button."""
 
-    def __init__(self, checkpoint, device="auto"):
+    def __init__(self, checkpoint, device="auto", quantize_method="none"):
         self.device = utils.pick_device(device)
         self.model, self.tokenizer = utils.load_model(utils.load_checkpoint(checkpoint), where=checkpoint)
         self.model.to(self.device).eval()
+        if quantize_method != "none":
+            self.model.decoder = quantize.quantize_decoder(self.model.decoder, quantize_method)
         self.styles = list(getattr(self.model.config, "styles", None) or [])  # checkpoints trained with styles
         self.room = generate.story_room(self.model)
 
@@ -120,7 +124,7 @@ def main(argv=None):
     args = parse_args(argv)
     dataset.set_max_image_pixels(args.max_image_pixels)
     try:
-        teller, problem = Storyteller(args.checkpoint, args.device), None
+        teller, problem = Storyteller(args.checkpoint, args.device, args.quantize), None
     except utils.UserError as err:  # still serve the page: whoever opens it is told what is wrong
         teller, problem = None, str(err)
         print(f"error: {problem}", file=sys.stderr)

@@ -2,15 +2,22 @@
 
     python bench.py            # GPT-2 small + ResNet-50 with random weights, offline: minutes on a laptop CPU
     python bench.py --quick    # toy sizes, seconds: keeps every row working (the tests run it)
+    python bench.py --checkpoint vlm_model.pt   # section 5's quality rows on your trained model
 
 Random weights, because speed does not depend on them and nothing has to be downloaded; the
 images and stories are the sample data in data/. Every row runs in its own forked process, so the
 peak memory printed next to it belongs to that row: the process's peak resident set size (which
 starts with Python, torch and transformers already imported: the "baseline" row), or on CUDA the
-peak GPU memory allocated by torch.
+peak GPU memory allocated by torch. Section 5 (int8 weights) counts the peak from the start of
+decoding instead, once the float32 weights that quantizing replaced are freed: a whole-process
+peak would count the float32 model that every --quantize run loads first.
 """
 import argparse
 import contextlib
+import copy
+import ctypes
+import gc
+import importlib.util
 import multiprocessing
 import os
 import platform
@@ -26,6 +33,7 @@ from transformers import GPT2Config
 
 import dataset
 import generate
+import quantize
 import train
 import utils
 from model import StoryConfig, StoryModel, build_encoder
@@ -41,7 +49,7 @@ SIZES = {
                   story_images=2, story_tokens=4),
 }
 TARGETS = {"frozen_c_over_a": 2.5, "b_over_d": 0.9, "encoder": 2.5, "vs_recompute": 10, "vs_transformers": 1.3,
-           "batched": 4}
+           "batched": 4, "int8_batch_1": 2, "int8_batched": 1.5, "int8_loss": 1.02, "int8_memory": 1}
 
 
 # ----------------------------------------------------------------------------- running a row
@@ -78,6 +86,20 @@ def fastest(step, n) -> float:
         sync()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def quantized(model, method):
+    """The model as section 5 measures it: its decoder quantized by method ("none": left float32),
+    and the peak memory counted from here on, after the float weights quantizing replaced are freed."""
+    if method != "none":
+        model.decoder = quantize.quantize_decoder(model.decoder, method)
+    gc.collect()
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed memory for reuse: give it back
+        with contextlib.suppress(OSError):
+            Path("/proc/self/clear_refs").write_text("5")  # the peak RSS getrusage reports := the RSS now
+    return model
 
 
 def build(size, device, train_decoder=True):
@@ -157,10 +179,13 @@ def encoder_rate(size, device, layout, dtype):
 
 
 @torch.no_grad()
-def decoding_rate(size, device, how):
-    """New tokens/s for one story (batch 1) of exactly new_tokens tokens, greedy, from image features."""
+def decoding_rate(size, device, how, method=None):
+    """New tokens/s for one story (batch 1) of exactly new_tokens tokens, greedy, from image features.
+    method: section 5's quantization of the decoder ("none" or a quantize.METHODS), or None for none."""
     model, tokenizer = build(size, device)
     model.eval()
+    if method is not None:
+        quantized(model, method)
     n = size["new_tokens"]
     features = torch.randn(1, model.config.feature_dim, device=device)
     if how == "generate.py":  # its own generation settings (greedy), through StoryModel.generate
@@ -181,10 +206,13 @@ def decoding_rate(size, device, how):
     return n / fastest(run, 1)
 
 
-def stories_rate(size, device, batch_size):
-    """Stories/s for story_images images through generate.py's write_stories (its default sampling)."""
+def stories_rate(size, device, batch_size, method=None):
+    """Stories/s for story_images images through generate.py's write_stories (its default sampling).
+    method: as decoding_rate's."""
     model, tokenizer = build(size, device)
     model.eval()
+    if method is not None:
+        quantized(model, method)
     paths = sorted((DATA / "images").glob("*.jpg"))[: size["story_images"]]
     images = [(str(p), dataset.load_image(p, size["resize_size"])) for p in paths]
     n = size["story_tokens"]
@@ -198,12 +226,68 @@ def stories_rate(size, device, batch_size):
     return len(images) / fastest(run, 1)
 
 
+def quality(size, device, checkpoint, method):
+    """How much quantizing changes a trained model, on the sample data: the mean loss per token of
+    the reference stories with float32 and with quantized weights, and how many images get word for
+    word the same greedy story. {"float32": loss, method: loss, "same": n, "images": n}
+    With --quick, a random model of the toy size, as the figures of --quick mean nothing anyway."""
+    if size is SIZES["quick"]:
+        return compare(*build(size, device), device, method)
+    if checkpoint is not None:
+        return compare(*utils.load_model(utils.load_checkpoint(checkpoint), where=checkpoint), device, method)
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = Path(folder) / "tiny.pt"
+        train.main(["--preset", "tiny", "--images", str(DATA / "images"), "--stories", str(DATA / "stories.txt"),
+                    "--out", str(checkpoint), "--device", str(device)])
+        return compare(*utils.load_model(utils.load_checkpoint(checkpoint), where=str(checkpoint)), device, method)
+
+
+@torch.no_grad()
+def compare(model, tokenizer, device, method):
+    model.to(device).eval()
+    models = {"float32": model, method: quantized(copy.deepcopy(model), method)}
+    examples = dataset.read_examples(DATA / "stories.txt", DATA / "images", min_side=model.config.resize_size)
+    names = sorted({ex.image for ex in examples})
+    images = [dataset.load_image(DATA / "images" / name, model.config.resize_size) for name in names]
+    features = torch.cat([generate.encode_images(model, images[i:i + 16])
+                          for i in range(0, len(images), 16)])  # (images, feature_dim): the encoder stays float32
+    row = {name: i for i, name in enumerate(names)}
+    room = generate.story_room(model)
+    result = {}
+    for name, m in models.items():
+        nll = count = 0
+        for ex in examples:  # one story at a time: no padding to think about
+            ids = tokenizer(ex.story, add_special_tokens=False)["input_ids"][:room - 1] + [tokenizer.eos_token_id]
+            ids = torch.tensor([ids], device=device)  # (1, T), ending with EOS as in training
+            styles = [m.config.style_id(ex.style if ex.style in m.config.styles else None)] if m.config.styles else None
+            out = m(ids, torch.ones_like(ids), features=features[row[ex.image]][None],
+                    style_ids=None if styles is None else torch.tensor(styles, device=device))
+            nll, count = nll + float(out.loss) * ids.shape[1], count + ids.shape[1]
+        result[name] = nll / count
+    config = generate.generation_config(generate.parse_args(["x", "--strategy", "greedy"]), tokenizer, min(80, room))
+    greedy = {name: generate.stories_from_features(m, tokenizer, features, config) for name, m in models.items()}
+    result["same"] = sum(a == b for a, b in zip(greedy["float32"], greedy[method]))
+    result["images"] = len(names)
+    return result
+
+
 # ----------------------------------------------------------------------------- the table
+
+def verdict(value, target) -> str:
+    """target: None, a lower bound, or (operator, bound)."""
+    if target is None:
+        return ""
+    op, bound = target if isinstance(target, tuple) else (">=", target)
+    met = {">=": value >= bound, "<=": value <= bound, "<": value < bound}[op]
+    return f"{op} {bound:g}x: {'met' if met else 'not met'}"
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="toy model sizes: every row in seconds, the figures mean nothing")
     p.add_argument("--device", type=utils.parse_device, default="cpu", help="cpu, cuda, cuda:N, mps or auto (default: %(default)s)")
+    p.add_argument("--checkpoint", help="a model trained by train.py for section 5's quality rows "
+                                        "(default: train the tiny preset on the sample data first, about a minute)")
     return p.parse_args(argv)
 
 
@@ -226,11 +310,11 @@ def main(argv=None):
     print(f"bench: {what}; {device} ({where}); torch {torch.__version__}; "
           f"load average {os.getloadavg()[0]:.1f} at the start", flush=True)
     print("\n| what | figure | peak memory |\n|---|---|---|", flush=True)
-    figures = {}
+    figures, peaks = {}, {}
 
     def row(key, label, unit, fn, *fn_args):
         value, peak = measure(fn, size, device, *fn_args)
-        figures[key] = value
+        figures[key], peaks[key] = value, peak
         shown = f"{value:.3g} {unit}" if unit else "-"
         print(f"| {label} | {shown} | {peak:,.0f} MiB |", flush=True)
 
@@ -255,6 +339,21 @@ def main(argv=None):
     n = size["story_images"]
     row("batched", f"4. stories for {n} images, batched (--batch-size {n})", "stories/s", stories_rate, n)
     row("single", f"4. stories for {n} images, one at a time", "stories/s", stories_rate, 1)
+    int8 = device.type == "cpu" and importlib.util.find_spec("torchao") is not None
+    if int8:  # int8 weights: CPU only (quantize.py), with torchao
+        for method, label in (("none", "float32"), ("int8", "int8 (--quantize int8)")):
+            row(f"dec_{method}", f"5a. decoding, batch 1, {t} new tokens, {label}, peak from decoding start", "tokens/s",
+                decoding_rate, "generate.py", method)
+            row(f"stories_{method}", f"5b. stories for {n} images, batched, {label}, peak from decoding start",
+                "stories/s", stories_rate, n, method)
+        q, _ = measure(quality, size, device, args.checkpoint, "int8")
+        which = args.checkpoint or "the tiny preset trained on the sample data"
+        print(f"| 5c. reference loss per token, {which}: float32 | {q['float32']:.4f} | - |")
+        print(f"| 5c. reference loss per token, {which}: int8 | {q['int8']:.4f} | - |")
+        print(f"| 5d. greedy stories word for word the same in int8 | {q['same']} of {q['images']} images | - |",
+              flush=True)
+    else:
+        print("| 5. int8 weights | - (needs the CPU and torchao) | - |", flush=True)
 
     f = figures
     ratios = [
@@ -269,10 +368,19 @@ def main(argv=None):
         ("3. decoding: generate.py / transformers generate", f["dec_ours"] / f["dec_hf"], TARGETS["vs_transformers"]),
         ("4. stories: batched / one at a time", f["batched"] / f["single"], TARGETS["batched"]),
     ]
+    if int8:
+        ratios += [
+            ("5a. decoding, batch 1: int8 / float32", f["dec_int8"] / f["dec_none"], TARGETS["int8_batch_1"]),
+            (f"5b. stories for {n} images, batched: int8 / float32", f["stories_int8"] / f["stories_none"],
+             TARGETS["int8_batched"]),
+            ("5c. reference loss: int8 / float32", q["int8"] / q["float32"], ("<=", TARGETS["int8_loss"])),
+            ("5a. peak memory while decoding, batch 1: int8 / float32", peaks["dec_int8"] / peaks["dec_none"],
+             ("<", TARGETS["int8_memory"])),
+        ]
     print("\n| ratio | measured | target |\n|---|---|---|")
     for label, value, target in ratios:
-        verdict = "" if target is None else f">= {target:g}x: {'met' if value >= target else 'not met'}"
-        print(f"| {label} | {value:.2f}x | {verdict} |")
+        digits = 3 if "loss" in label else 2  # a 2% bound needs the third
+        print(f"| {label} | {value:.{digits}f}x | {verdict(value, target)} |")
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end", flush=True)
 
 

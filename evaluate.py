@@ -24,6 +24,7 @@ from tqdm import tqdm
 import dataset
 import generate
 import metrics
+import quantize
 import utils
 from train import positive_int
 from utils import UserError
@@ -56,6 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=positive_int, default=16,
                    help="images per generate call and stories per scoring pass (default: %(default)s)")
     p.add_argument("--device", type=utils.parse_device, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    generate.add_quantize_arg(p)
     p.add_argument("--gpt2", help="where to load a frozen GPT-2 from, if not where training took it")
     p.add_argument("--encoder-weights", help="ResNet-50 state_dict file, if the encoder was frozen and is not in torchvision's cache")
     args = p.parse_args(argv)
@@ -70,6 +72,8 @@ def main(argv=None):
     log_records = read_metrics_log(args.metrics_log or utils.metrics_path(args.checkpoint)) if args.curves else None
     model, tokenizer = utils.load_model(ckpt, gpt2=args.gpt2, encoder_weights=args.encoder_weights, where=args.checkpoint)
     model.to(device).eval()
+    if args.quantize != "none":
+        model.decoder = quantize.quantize_decoder(model.decoder, args.quantize)
     examples = dataset.read_examples(args.stories, args.images, min_side=model.config.resize_size)
     references = {}  # image -> its reference stories, in file order
     for ex in examples:
