@@ -231,7 +231,7 @@ def quality(size, device, checkpoint, method):
     the reference stories with float32 and with quantized weights, and how many images get word for
     word the same greedy story. {"float32": loss, method: loss, "same": n, "images": n}
     With --quick, a random model of the toy size, as the figures of --quick mean nothing anyway."""
-    if size is SIZES["quick"]:
+    if size == SIZES["quick"]:  # (a copy: measure() sends it to another process)
         return compare(*build(size, device), device, method)
     if checkpoint is not None:
         return compare(*utils.load_model(utils.load_checkpoint(checkpoint), where=checkpoint), device, method)
@@ -286,6 +286,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="toy model sizes: every row in seconds, the figures mean nothing")
     p.add_argument("--device", type=utils.parse_device, default="cpu", help="cpu, cuda, cuda:N, mps or auto (default: %(default)s)")
+    p.add_argument("--only", type=int, choices=range(1, 6), metavar="SECTION",
+                   help="measure only this section of the table, 1-5 (5: int8 weights), and its ratios")
     p.add_argument("--checkpoint", help="a model trained by train.py for section 5's quality rows "
                                         "(default: train the tiny preset on the sample data first, about a minute)")
     return p.parse_args(argv)
@@ -319,8 +321,12 @@ def main(argv=None):
         print(f"| {label} | {shown} | {peak:,.0f} MiB |", flush=True)
 
     row("baseline", "baseline: Python + torch + transformers imported", "", baseline)
-    b = size["batch_size"]
-    for name, frozen in (("frozen", True), ("tuned", False)):
+
+    def wanted(section):
+        return args.only in (None, section)
+
+    b, e, t, n = size["batch_size"], size["encoder_batch"], size["new_tokens"], size["story_images"]
+    for name, frozen in (("frozen", True), ("tuned", False)) if wanted(1) else ():
         title = "GPT-2 frozen" if frozen else "GPT-2 fine-tuned"
         row(f"{name}_a", f"1a. training, {title}: plain float32, decode + encode every image every step (batch {b})",
             "samples/s", training_rate, frozen, "plain")
@@ -328,18 +334,18 @@ def main(argv=None):
         row(f"{name}_c", f"1c. training, {title}: feature cache + bfloat16", "samples/s", training_rate, frozen, "cached-bf16")
         row(f"{name}_d", f"1d. training, {title}: decoder-only limit, features in memory", "samples/s",
             training_rate, frozen, "in-memory")
-    e = size["encoder_batch"]
-    row("enc_fp32", f"2. encoder, float32, default layout (batch {e})", "images/s", encoder_rate, "default", torch.float32)
-    row("enc_fp32_cl", "2. encoder, float32 + channels-last", "images/s", encoder_rate, "channels-last", torch.float32)
-    row("enc_bf16_cl", "2. encoder, bfloat16 + channels-last", "images/s", encoder_rate, "channels-last", torch.bfloat16)
-    t = size["new_tokens"]
-    row("dec_ours", f"3. decoding, batch 1, {t} new tokens: generate.py's path", "tokens/s", decoding_rate, "generate.py")
-    row("dec_hf", "3. decoding: plain transformers generate, float32", "tokens/s", decoding_rate, "transformers")
-    row("dec_loop", "3. decoding: re-run the whole sequence every token", "tokens/s", decoding_rate, "recompute")
-    n = size["story_images"]
-    row("batched", f"4. stories for {n} images, batched (--batch-size {n})", "stories/s", stories_rate, n)
-    row("single", f"4. stories for {n} images, one at a time", "stories/s", stories_rate, 1)
-    int8 = device.type == "cpu" and importlib.util.find_spec("torchao") is not None
+    if wanted(2):
+        row("enc_fp32", f"2. encoder, float32, default layout (batch {e})", "images/s", encoder_rate, "default", torch.float32)
+        row("enc_fp32_cl", "2. encoder, float32 + channels-last", "images/s", encoder_rate, "channels-last", torch.float32)
+        row("enc_bf16_cl", "2. encoder, bfloat16 + channels-last", "images/s", encoder_rate, "channels-last", torch.bfloat16)
+    if wanted(3):
+        row("dec_ours", f"3. decoding, batch 1, {t} new tokens: generate.py's path", "tokens/s", decoding_rate, "generate.py")
+        row("dec_hf", "3. decoding: plain transformers generate, float32", "tokens/s", decoding_rate, "transformers")
+        row("dec_loop", "3. decoding: re-run the whole sequence every token", "tokens/s", decoding_rate, "recompute")
+    if wanted(4):
+        row("batched", f"4. stories for {n} images, batched (--batch-size {n})", "stories/s", stories_rate, n)
+        row("single", f"4. stories for {n} images, one at a time", "stories/s", stories_rate, 1)
+    int8 = wanted(5) and device.type == "cpu" and importlib.util.find_spec("torchao") is not None
     if int8:  # int8 weights: CPU only (quantize.py), with torchao
         for method, label in (("none", "float32"), ("int8", "int8 (--quantize int8)")):
             row(f"dec_{method}", f"5a. decoding, batch 1, {t} new tokens, {label}, peak from decoding start", "tokens/s",
@@ -347,40 +353,38 @@ def main(argv=None):
             row(f"stories_{method}", f"5b. stories for {n} images, batched, {label}, peak from decoding start",
                 "stories/s", stories_rate, n, method)
         q, _ = measure(quality, size, device, args.checkpoint, "int8")
-        which = args.checkpoint or "the tiny preset trained on the sample data"
+        which = "a random toy model" if args.quick else args.checkpoint or "the tiny preset trained on the sample data"
         print(f"| 5c. reference loss per token, {which}: float32 | {q['float32']:.4f} | - |")
         print(f"| 5c. reference loss per token, {which}: int8 | {q['int8']:.4f} | - |")
         print(f"| 5d. greedy stories word for word the same in int8 | {q['same']} of {q['images']} images | - |",
               flush=True)
-    else:
+    elif wanted(5):
         print("| 5. int8 weights | - (needs the CPU and torchao) | - |", flush=True)
 
-    f = figures
-    ratios = [
-        ("1. training, GPT-2 frozen: (c) cache + bfloat16 / (a) plain", f["frozen_c"] / f["frozen_a"], TARGETS["frozen_c_over_a"]),
-        ("1. training, GPT-2 frozen: (b) cache / (d) decoder-only limit", f["frozen_b"] / f["frozen_d"], TARGETS["b_over_d"]),
-        ("1. training, GPT-2 fine-tuned: (c) cache + bfloat16 / (a) plain", f["tuned_c"] / f["tuned_a"], None),
-        ("1. training, GPT-2 fine-tuned: (b) cache / (d) decoder-only limit", f["tuned_b"] / f["tuned_d"], TARGETS["b_over_d"]),
-        ("1. training, GPT-2 frozen: (b) cache / (a) plain", f["frozen_b"] / f["frozen_a"], None),
-        ("2. encoder: bfloat16 + channels-last / float32", f["enc_bf16_cl"] / f["enc_fp32"], TARGETS["encoder"]),
-        ("2. encoder: float32 + channels-last / float32", f["enc_fp32_cl"] / f["enc_fp32"], None),
-        ("3. decoding: generate.py / re-run loop", f["dec_ours"] / f["dec_loop"], TARGETS["vs_recompute"]),
-        ("3. decoding: generate.py / transformers generate", f["dec_ours"] / f["dec_hf"], TARGETS["vs_transformers"]),
-        ("4. stories: batched / one at a time", f["batched"] / f["single"], TARGETS["batched"]),
+    ratios = [  # label, numerator, denominator, target: each where its section was measured
+        ("1. training, GPT-2 frozen: (c) cache + bfloat16 / (a) plain", "frozen_c", "frozen_a", TARGETS["frozen_c_over_a"]),
+        ("1. training, GPT-2 frozen: (b) cache / (d) decoder-only limit", "frozen_b", "frozen_d", TARGETS["b_over_d"]),
+        ("1. training, GPT-2 fine-tuned: (c) cache + bfloat16 / (a) plain", "tuned_c", "tuned_a", None),
+        ("1. training, GPT-2 fine-tuned: (b) cache / (d) decoder-only limit", "tuned_b", "tuned_d", TARGETS["b_over_d"]),
+        ("1. training, GPT-2 frozen: (b) cache / (a) plain", "frozen_b", "frozen_a", None),
+        ("2. encoder: bfloat16 + channels-last / float32", "enc_bf16_cl", "enc_fp32", TARGETS["encoder"]),
+        ("2. encoder: float32 + channels-last / float32", "enc_fp32_cl", "enc_fp32", None),
+        ("3. decoding: generate.py / re-run loop", "dec_ours", "dec_loop", TARGETS["vs_recompute"]),
+        ("3. decoding: generate.py / transformers generate", "dec_ours", "dec_hf", TARGETS["vs_transformers"]),
+        ("4. stories: batched / one at a time", "batched", "single", TARGETS["batched"]),
+        ("5a. decoding, batch 1: int8 / float32", "dec_int8", "dec_none", TARGETS["int8_batch_1"]),
+        (f"5b. stories for {n} images, batched: int8 / float32", "stories_int8", "stories_none", TARGETS["int8_batched"]),
+        ("5c. reference loss: int8 / float32", "loss_int8", "loss_none", ("<=", TARGETS["int8_loss"])),
+        ("5a. peak memory while decoding, batch 1: int8 / float32", "peak_int8", "peak_none", ("<", TARGETS["int8_memory"])),
     ]
     if int8:
-        ratios += [
-            ("5a. decoding, batch 1: int8 / float32", f["dec_int8"] / f["dec_none"], TARGETS["int8_batch_1"]),
-            (f"5b. stories for {n} images, batched: int8 / float32", f["stories_int8"] / f["stories_none"],
-             TARGETS["int8_batched"]),
-            ("5c. reference loss: int8 / float32", q["int8"] / q["float32"], ("<=", TARGETS["int8_loss"])),
-            ("5a. peak memory while decoding, batch 1: int8 / float32", peaks["dec_int8"] / peaks["dec_none"],
-             ("<", TARGETS["int8_memory"])),
-        ]
+        figures.update(loss_int8=q["int8"], loss_none=q["float32"], peak_int8=peaks["dec_int8"], peak_none=peaks["dec_none"])
     print("\n| ratio | measured | target |\n|---|---|---|")
-    for label, value, target in ratios:
-        digits = 3 if "loss" in label else 2  # a 2% bound needs the third
-        print(f"| {label} | {value:.{digits}f}x | {verdict(value, target)} |")
+    for label, numerator, denominator, target in ratios:
+        if numerator in figures and denominator in figures:
+            value = figures[numerator] / figures[denominator]
+            digits = 3 if "loss" in label else 2  # a 2% bound needs the third
+            print(f"| {label} | {value:.{digits}f}x | {verdict(value, target)} |")
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end", flush=True)
 
 

@@ -6,12 +6,16 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+import app
+import evaluate
 import generate
 import quantize
 from conftest import DATA, run_script
 from test_cli import THINGS
+from test_evaluate import sample_stories
 
 pytest.importorskip("torchao")
 
@@ -85,6 +89,23 @@ def test_int8_stories_still_follow_the_picture(tiny_checkpoint):
     stories = {r["image"]: r["story"] for r in map(json.loads, result.stdout.splitlines())}
     right = sum(THINGS[[t in p for t in THINGS].index(True)] in stories[p] for p in stories)
     assert len(stories) == len(images) and right >= 0.8 * len(images), stories
+
+
+def test_app_and_evaluate_take_int8_too(tiny_checkpoint, tmp_path, capsys):
+    image = DATA / "images" / "night_sea_boat.jpg"
+    [story] = app.Storyteller(tiny_checkpoint, "cpu", "int8").stories(Image.open(image).convert("RGB"), strategy="greedy")
+    generate.main([str(image), "--checkpoint", str(tiny_checkpoint), "--strategy", "greedy", "--json", "--device", "cpu",
+                   "--quantize", "int8"])
+    assert story == json.loads(capsys.readouterr().out)["story"]  # the page and the script decode alike
+
+    stories, losses = sample_stories(tmp_path, 3), {}
+    for method in ("none", "int8"):
+        out = tmp_path / f"{method}.json"
+        evaluate.main(["--checkpoint", str(tiny_checkpoint), "--images", str(DATA / "images"), "--stories", str(stories),
+                       "--out", str(out), "--rank-images", "0", "--clip", str(tmp_path / "no-clip"), "--device", "cpu",
+                       "--strategy", "greedy", "--quantize", method])
+        losses[method] = json.loads(out.read_text())["metrics"]["reference_loss"]
+    assert losses["int8"] == pytest.approx(losses["none"], rel=0.02) and losses["int8"] != losses["none"]
 
 
 def test_where_int8_cannot_work_it_says_so(tiny_checkpoint, monkeypatch):
