@@ -17,7 +17,6 @@ import contextlib
 import copy
 import ctypes
 import gc
-import importlib.util
 import multiprocessing
 import os
 import platform
@@ -345,8 +344,8 @@ def main(argv=None):
     if wanted(4):
         row("batched", f"4. stories for {n} images, batched (--batch-size {n})", "stories/s", stories_rate, n)
         row("single", f"4. stories for {n} images, one at a time", "stories/s", stories_rate, 1)
-    int8 = wanted(5) and device.type == "cpu" and importlib.util.find_spec("torchao") is not None
-    if int8:  # int8 weights: CPU only (quantize.py), with torchao
+    int8 = wanted(5) and device.type == "cpu"
+    if int8:  # int8 weights: CPU only (quantize.py)
         for method, label in (("none", "float32"), ("int8", "int8 (--quantize int8)")):
             row(f"dec_{method}", f"5a. decoding, batch 1, {t} new tokens, {label}, peak from decoding start", "tokens/s",
                 decoding_rate, "generate.py", method)
@@ -359,7 +358,7 @@ def main(argv=None):
         print(f"| 5d. greedy stories word for word the same in int8 | {q['same']} of {q['images']} images | - |",
               flush=True)
     elif wanted(5):
-        print("| 5. int8 weights | - (needs the CPU and torchao) | - |", flush=True)
+        print("| 5. int8 weights | - (CPU only) | - |", flush=True)
 
     ratios = [  # label, numerator, denominator, target: each where its section was measured
         ("1. training, GPT-2 frozen: (c) cache + bfloat16 / (a) plain", "frozen_c", "frozen_a", TARGETS["frozen_c_over_a"]),

@@ -29,11 +29,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
-
-import utils  # before transformers: it quiets the warnings torchao's import logs (see utils.py)
 from transformers import GPT2Config, get_cosine_schedule_with_warmup
 
 import dataset
+import utils
 from model import MAPPERS, StoryConfig, StoryModel
 from utils import UserError
 

@@ -1,6 +1,5 @@
 """Shared plumbing: errors for the command line, devices, checkpoints, pretrained weights, tokenizers."""
 import json
-import logging
 import math
 import os
 import re
@@ -18,11 +17,6 @@ import torch
 
 CHECKPOINT_FORMAT = 1
 EOS = "<|endoftext|>"  # GPT-2's end-of-text token; the tiny tokenizer uses the same string
-
-# Once torchao is installed (for --quantize int8), transformers imports it with every model, and its
-# import logs two warnings about torch.compile internals that nobody here can act on. Every script
-# imports this file before any transformers model.
-logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
 class UserError(Exception):

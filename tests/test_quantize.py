@@ -2,7 +2,7 @@
 where it cannot work it says so in one line."""
 import copy
 import json
-import sys
+import warnings
 
 import pytest
 import torch
@@ -17,7 +17,7 @@ from conftest import DATA, run_script
 from test_cli import THINGS
 from test_evaluate import sample_stories
 
-pytest.importorskip("torchao")
+QuantizedLinear = torch.ao.nn.quantized.dynamic.Linear
 
 
 def tiny_gpt2():
@@ -34,7 +34,9 @@ def tiny_llama(tied):
 
 def lora_gpt2():
     from peft import LoraConfig, get_peft_model
-    model = get_peft_model(tiny_gpt2(), LoraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True))
+    with warnings.catch_warnings():  # as model.py: peft calls a name transformers deprecated
+        warnings.simplefilter("ignore", FutureWarning)
+        model = get_peft_model(tiny_gpt2(), LoraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True))
     for name, p in model.named_parameters():
         if "lora_B" in name:  # peft starts B at zero; trained adapters are not
             torch.nn.init.normal_(p, std=0.2)
@@ -56,14 +58,15 @@ def test_int8_logits_stay_close_to_float32(build):
         decoder = quantize.quantize_decoder(decoder, "int8")
         logits, prefixed = decoder(ids).logits, decoder(inputs_embeds=embeds).logits
 
-    from torchao.quantization import Int8Tensor
-    linears = [m for m in decoder.modules() if isinstance(m, torch.nn.Linear)]
-    assert linears and all(isinstance(m.weight, Int8Tensor) for m in linears)  # GPT-2's Conv1Ds included
-    assert decoder.get_output_embeddings() in linears  # the LM head too
+    from transformers.pytorch_utils import Conv1D
+    assert not any(isinstance(m, (torch.nn.Linear, Conv1D)) for m in decoder.modules())  # every one became int8
+    assert sum(isinstance(m, QuantizedLinear) for m in decoder.modules()) >= 2 * 4 + 1  # 2 layers' attention, MLP, head
+    assert isinstance(decoder.get_output_embeddings(), QuantizedLinear)  # the LM head too
     # The input embedding, shared with the head or not, is float and unchanged: the prefix lives there.
     assert torch.equal(decoder.get_input_embeddings().weight, embedding)
     for got, want in ((logits, expected), (prefixed, expected_prefixed)):
-        assert (got - want).abs().max() < 0.03 * want.abs().max()
+        # One int8 scale per activation tensor: about 1% of the largest logit off, 4% with large adapters.
+        assert (got - want).abs().max() < 0.05 * want.abs().max()
         assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
 
 
@@ -108,20 +111,15 @@ def test_app_and_evaluate_take_int8_too(tiny_checkpoint, tmp_path, capsys):
     assert losses["int8"] == pytest.approx(losses["none"], rel=0.02) and losses["int8"] != losses["none"]
 
 
-def test_where_int8_cannot_work_it_says_so(tiny_checkpoint, monkeypatch):
+def test_where_int8_cannot_work_it_says_so(tiny_checkpoint):
     result = run_script("generate.py", DATA / "images" / "photo_cat.jpg", "--checkpoint", tiny_checkpoint,
                         "--quantize", "int8", "--dtype", "bfloat16", "--device", "cpu")
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.splitlines() == ["error: --quantize int8 makes int8 weights from float32 ones, and the "
                                           "model is bfloat16; leave out --dtype"]
-    # Not on a GPU (no GPU here: a decoder on the meta device stands in for one).
+    # Not on a GPU (none here: a decoder on the meta device stands in for one), and left as it was.
     with torch.device("meta"):
         decoder = tiny_gpt2()
     with pytest.raises(quantize.UserError, match="--quantize int8 is for generating on the CPU, and the model is on meta"):
-        quantize.quantize_decoder(decoder, "int8")
-    # Without torchao: a way out, and the decoder left as it was.
-    monkeypatch.setitem(sys.modules, "torchao.quantization", None)
-    decoder = tiny_gpt2()
-    with pytest.raises(quantize.UserError, match="needs torchao: pip install"):
         quantize.quantize_decoder(decoder, "int8")
     assert type(decoder.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
