@@ -243,6 +243,7 @@ def quality(size, device, checkpoint, method):
 
 @torch.no_grad()
 def compare(model, tokenizer, device, method):
+    """quality()'s figures for a loaded model and its copy quantized by method."""
     model.to(device).eval()
     models = {"float32": model, method: quantized(copy.deepcopy(model), method)}
     examples = dataset.read_examples(DATA / "stories.txt", DATA / "images", min_side=model.config.resize_size)
