@@ -14,6 +14,7 @@ import gradio as gr
 
 import dataset
 import generate
+import quantize
 import utils
 
 SAMPLES = Path(__file__).resolve().parent / "data" / "images"
@@ -77,6 +78,7 @@ def parse_args(argv=None):
                    help="address to serve on; 0.0.0.0 opens the page to your network (default: %(default)s)")
     p.add_argument("--port", type=port_number, default=7860, help="port to serve on (default: %(default)s)")
     p.add_argument("--device", type=utils.parse_device, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    generate.add_quantize_arg(p)
     p.add_argument("--max-image-pixels", type=generate.non_negative_int,
                    help="refuse larger uploads, a guard against decompression bombs; 0 = no limit (default: Pillow's, about 89 million)")
     p.add_argument("--auth", type=auth_pair, action="append", metavar="USER:PASSWORD",
@@ -137,10 +139,12 @@ class Batcher:
 class Storyteller:
     """The model, loaded once, and the page's Generate button."""
 
-    def __init__(self, checkpoint, device="auto", max_batch=1):
+    def __init__(self, checkpoint, device="auto", max_batch=1, quantize_method="none"):
         self.device = utils.pick_device(device)
         self.model, self.tokenizer = utils.load_model(utils.load_checkpoint(checkpoint), where=checkpoint)
         self.model.to(self.device).eval()
+        if quantize_method != "none":
+            self.model.decoder = quantize.quantize_decoder(self.model.decoder, quantize_method)
         self.styles = list(getattr(self.model.config, "styles", None) or [])  # checkpoints trained with styles
         self.room = generate.story_room(self.model)
         self.batcher = Batcher(self.decode, max_batch)
@@ -283,7 +287,8 @@ def main(argv=None):
         print(f"warning: serving on {args.host} without --auth: anyone who can reach this machine can use the "
               f"page and its API; add --auth-file FILE (one user:password per line)", file=sys.stderr)
     try:
-        teller, problem = Storyteller(args.checkpoint, args.device, max_batch=args.concurrency), None
+        teller, problem = Storyteller(args.checkpoint, args.device, max_batch=args.concurrency,
+                                      quantize_method=args.quantize), None
     except utils.UserError as err:  # still serve the page: whoever opens it is told what is wrong
         teller, problem = None, str(err)
         print(f"error: {problem}", file=sys.stderr)

@@ -2,15 +2,21 @@
 
     python bench.py            # GPT-2 small + ResNet-50 with random weights, offline: minutes on a laptop CPU
     python bench.py --quick    # toy sizes, seconds: keeps every row working (the tests run it)
+    python bench.py --checkpoint vlm_model.pt   # section 5's quality rows on your trained model
 
 Random weights, because speed does not depend on them and nothing has to be downloaded; the
 images and stories are the sample data in data/. Every row runs in its own forked process, so the
 peak memory printed next to it belongs to that row: the process's peak resident set size (which
 starts with Python, torch and transformers already imported: the "baseline" row), or on CUDA the
-peak GPU memory allocated by torch.
+peak GPU memory allocated by torch. Section 5 (int8 weights) counts the peak from the start of
+decoding instead, once the float32 weights that quantizing replaced are freed: a whole-process
+peak would count the float32 model that every --quantize run loads first.
 """
 import argparse
 import contextlib
+import copy
+import ctypes
+import gc
 import multiprocessing
 import os
 import platform
@@ -26,6 +32,7 @@ from transformers import GPT2Config
 
 import dataset
 import generate
+import quantize
 import train
 import utils
 from model import StoryConfig, StoryModel, build_encoder
@@ -41,7 +48,7 @@ SIZES = {
                   story_images=2, story_tokens=4),
 }
 TARGETS = {"frozen_c_over_a": 2.5, "b_over_d": 0.9, "encoder": 2.5, "vs_recompute": 10, "vs_transformers": 1.3,
-           "batched": 4}
+           "batched": 4, "int8_batch_1": 2, "int8_batched": 1.5, "int8_loss": 1.02, "int8_memory": 1}
 
 
 # ----------------------------------------------------------------------------- running a row
@@ -78,6 +85,20 @@ def fastest(step, n) -> float:
         sync()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def quantized(model, method):
+    """The model as section 5 measures it: its decoder quantized by method ("none": left float32),
+    and the peak memory counted from here on, after the float weights quantizing replaced are freed."""
+    if method != "none":
+        model.decoder = quantize.quantize_decoder(model.decoder, method)
+    gc.collect()
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed memory for reuse: give it back
+        with contextlib.suppress(OSError):
+            Path("/proc/self/clear_refs").write_text("5")  # the peak RSS getrusage reports := the RSS now
+    return model
 
 
 def build(size, device, train_decoder=True):
@@ -157,10 +178,13 @@ def encoder_rate(size, device, layout, dtype):
 
 
 @torch.no_grad()
-def decoding_rate(size, device, how):
-    """New tokens/s for one story (batch 1) of exactly new_tokens tokens, greedy, from image features."""
+def decoding_rate(size, device, how, method=None):
+    """New tokens/s for one story (batch 1) of exactly new_tokens tokens, greedy, from image features.
+    method: section 5's quantization of the decoder ("none" or a quantize.METHODS), or None for none."""
     model, tokenizer = build(size, device)
     model.eval()
+    if method is not None:
+        quantized(model, method)
     n = size["new_tokens"]
     features = torch.randn(1, model.config.feature_dim, device=device)
     if how == "generate.py":  # its own generation settings (greedy), through StoryModel.generate
@@ -181,10 +205,13 @@ def decoding_rate(size, device, how):
     return n / fastest(run, 1)
 
 
-def stories_rate(size, device, batch_size):
-    """Stories/s for story_images images through generate.py's write_stories (its default sampling)."""
+def stories_rate(size, device, batch_size, method=None):
+    """Stories/s for story_images images through generate.py's write_stories (its default sampling).
+    method: as decoding_rate's."""
     model, tokenizer = build(size, device)
     model.eval()
+    if method is not None:
+        quantized(model, method)
     paths = sorted((DATA / "images").glob("*.jpg"))[: size["story_images"]]
     images = [(str(p), dataset.load_image(p, size["resize_size"])) for p in paths]
     n = size["story_tokens"]
@@ -198,12 +225,71 @@ def stories_rate(size, device, batch_size):
     return len(images) / fastest(run, 1)
 
 
+def quality(size, device, checkpoint, method):
+    """How much quantizing changes a trained model, on the sample data: the mean loss per token of
+    the reference stories with float32 and with quantized weights, and how many images get word for
+    word the same greedy story. {"float32": loss, method: loss, "same": n, "images": n}
+    With --quick, a random model of the toy size, as the figures of --quick mean nothing anyway."""
+    if size == SIZES["quick"]:  # (a copy: measure() sends it to another process)
+        return compare(*build(size, device), device, method)
+    if checkpoint is not None:
+        return compare(*utils.load_model(utils.load_checkpoint(checkpoint), where=checkpoint), device, method)
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = Path(folder) / "tiny.pt"
+        train.main(["--preset", "tiny", "--images", str(DATA / "images"), "--stories", str(DATA / "stories.txt"),
+                    "--out", str(checkpoint), "--device", str(device)])
+        return compare(*utils.load_model(utils.load_checkpoint(checkpoint), where=str(checkpoint)), device, method)
+
+
+@torch.no_grad()
+def compare(model, tokenizer, device, method):
+    """quality()'s figures for a loaded model and its copy quantized by method."""
+    model.to(device).eval()
+    models = {"float32": model, method: quantized(copy.deepcopy(model), method)}
+    examples = dataset.read_examples(DATA / "stories.txt", DATA / "images", min_side=model.config.resize_size)
+    names = sorted({ex.image for ex in examples})
+    images = [dataset.load_image(DATA / "images" / name, model.config.resize_size) for name in names]
+    features = torch.cat([generate.encode_images(model, images[i:i + 16])
+                          for i in range(0, len(images), 16)])  # (images, feature_dim): the encoder stays float32
+    row = {name: i for i, name in enumerate(names)}
+    room = generate.story_room(model)
+    result = {}
+    for name, m in models.items():
+        nll = count = 0
+        for ex in examples:  # one story at a time: no padding to think about
+            ids = tokenizer(ex.story, add_special_tokens=False)["input_ids"][:room - 1] + [tokenizer.eos_token_id]
+            ids = torch.tensor([ids], device=device)  # (1, T), ending with EOS as in training
+            styles = [m.config.style_id(ex.style if ex.style in m.config.styles else None)] if m.config.styles else None
+            out = m(ids, torch.ones_like(ids), features=features[row[ex.image]][None],
+                    style_ids=None if styles is None else torch.tensor(styles, device=device))
+            nll, count = nll + float(out.loss) * ids.shape[1], count + ids.shape[1]
+        result[name] = nll / count
+    config = generate.generation_config(generate.parse_args(["x", "--strategy", "greedy"]), tokenizer, min(80, room))
+    greedy = {name: generate.stories_from_features(m, tokenizer, features, config) for name, m in models.items()}
+    result["same"] = sum(a == b for a, b in zip(greedy["float32"], greedy[method]))
+    result["images"] = len(names)
+    return result
+
+
 # ----------------------------------------------------------------------------- the table
+
+def verdict(value, target) -> str:
+    """target: None, a lower bound, or (operator, bound)."""
+    if target is None:
+        return ""
+    op, bound = target if isinstance(target, tuple) else (">=", target)
+    met = {">=": value >= bound, "<=": value <= bound, "<": value < bound}[op]
+    return f"{op} {bound:g}x: {'met' if met else 'not met'}"
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="toy model sizes: every row in seconds, the figures mean nothing")
     p.add_argument("--device", type=utils.parse_device, default="cpu", help="cpu, cuda, cuda:N, mps or auto (default: %(default)s)")
+    p.add_argument("--only", type=int, choices=range(1, 6), metavar="SECTION",
+                   help="measure only this section of the table, 1-5 (5: int8 weights), and its ratios")
+    p.add_argument("--checkpoint", help="a model trained by train.py for section 5's quality rows "
+                                        "(default: train the tiny preset on the sample data first, about a minute)")
     return p.parse_args(argv)
 
 
@@ -226,17 +312,21 @@ def main(argv=None):
     print(f"bench: {what}; {device} ({where}); torch {torch.__version__}; "
           f"load average {os.getloadavg()[0]:.1f} at the start", flush=True)
     print("\n| what | figure | peak memory |\n|---|---|---|", flush=True)
-    figures = {}
+    figures, peaks = {}, {}
 
     def row(key, label, unit, fn, *fn_args):
         value, peak = measure(fn, size, device, *fn_args)
-        figures[key] = value
+        figures[key], peaks[key] = value, peak
         shown = f"{value:.3g} {unit}" if unit else "-"
         print(f"| {label} | {shown} | {peak:,.0f} MiB |", flush=True)
 
     row("baseline", "baseline: Python + torch + transformers imported", "", baseline)
-    b = size["batch_size"]
-    for name, frozen in (("frozen", True), ("tuned", False)):
+
+    def wanted(section):
+        return args.only in (None, section)
+
+    b, e, t, n = size["batch_size"], size["encoder_batch"], size["new_tokens"], size["story_images"]
+    for name, frozen in (("frozen", True), ("tuned", False)) if wanted(1) else ():
         title = "GPT-2 frozen" if frozen else "GPT-2 fine-tuned"
         row(f"{name}_a", f"1a. training, {title}: plain float32, decode + encode every image every step (batch {b})",
             "samples/s", training_rate, frozen, "plain")
@@ -244,35 +334,57 @@ def main(argv=None):
         row(f"{name}_c", f"1c. training, {title}: feature cache + bfloat16", "samples/s", training_rate, frozen, "cached-bf16")
         row(f"{name}_d", f"1d. training, {title}: decoder-only limit, features in memory", "samples/s",
             training_rate, frozen, "in-memory")
-    e = size["encoder_batch"]
-    row("enc_fp32", f"2. encoder, float32, default layout (batch {e})", "images/s", encoder_rate, "default", torch.float32)
-    row("enc_fp32_cl", "2. encoder, float32 + channels-last", "images/s", encoder_rate, "channels-last", torch.float32)
-    row("enc_bf16_cl", "2. encoder, bfloat16 + channels-last", "images/s", encoder_rate, "channels-last", torch.bfloat16)
-    t = size["new_tokens"]
-    row("dec_ours", f"3. decoding, batch 1, {t} new tokens: generate.py's path", "tokens/s", decoding_rate, "generate.py")
-    row("dec_hf", "3. decoding: plain transformers generate, float32", "tokens/s", decoding_rate, "transformers")
-    row("dec_loop", "3. decoding: re-run the whole sequence every token", "tokens/s", decoding_rate, "recompute")
-    n = size["story_images"]
-    row("batched", f"4. stories for {n} images, batched (--batch-size {n})", "stories/s", stories_rate, n)
-    row("single", f"4. stories for {n} images, one at a time", "stories/s", stories_rate, 1)
+    if wanted(2):
+        row("enc_fp32", f"2. encoder, float32, default layout (batch {e})", "images/s", encoder_rate, "default", torch.float32)
+        row("enc_fp32_cl", "2. encoder, float32 + channels-last", "images/s", encoder_rate, "channels-last", torch.float32)
+        row("enc_bf16_cl", "2. encoder, bfloat16 + channels-last", "images/s", encoder_rate, "channels-last", torch.bfloat16)
+    if wanted(3):
+        row("dec_ours", f"3. decoding, batch 1, {t} new tokens: generate.py's path", "tokens/s", decoding_rate, "generate.py")
+        row("dec_hf", "3. decoding: plain transformers generate, float32", "tokens/s", decoding_rate, "transformers")
+        row("dec_loop", "3. decoding: re-run the whole sequence every token", "tokens/s", decoding_rate, "recompute")
+    if wanted(4):
+        row("batched", f"4. stories for {n} images, batched (--batch-size {n})", "stories/s", stories_rate, n)
+        row("single", f"4. stories for {n} images, one at a time", "stories/s", stories_rate, 1)
+    int8 = wanted(5) and device.type == "cpu"
+    if int8:  # int8 weights: CPU only (quantize.py)
+        for method, label in (("none", "float32"), ("int8", "int8 (--quantize int8)")):
+            row(f"dec_{method}", f"5a. decoding, batch 1, {t} new tokens, {label}, peak from decoding start", "tokens/s",
+                decoding_rate, "generate.py", method)
+            row(f"stories_{method}", f"5b. stories for {n} images, batched, {label}, peak from decoding start",
+                "stories/s", stories_rate, n, method)
+        q, _ = measure(quality, size, device, args.checkpoint, "int8")
+        which = "a random toy model" if args.quick else args.checkpoint or "the tiny preset trained on the sample data"
+        print(f"| 5c. reference loss per token, {which}: float32 | {q['float32']:.4f} | - |")
+        print(f"| 5c. reference loss per token, {which}: int8 | {q['int8']:.4f} | - |")
+        print(f"| 5d. greedy stories word for word the same in int8 | {q['same']} of {q['images']} images | - |",
+              flush=True)
+    elif wanted(5):
+        print("| 5. int8 weights | - (CPU only) | - |", flush=True)
 
-    f = figures
-    ratios = [
-        ("1. training, GPT-2 frozen: (c) cache + bfloat16 / (a) plain", f["frozen_c"] / f["frozen_a"], TARGETS["frozen_c_over_a"]),
-        ("1. training, GPT-2 frozen: (b) cache / (d) decoder-only limit", f["frozen_b"] / f["frozen_d"], TARGETS["b_over_d"]),
-        ("1. training, GPT-2 fine-tuned: (c) cache + bfloat16 / (a) plain", f["tuned_c"] / f["tuned_a"], None),
-        ("1. training, GPT-2 fine-tuned: (b) cache / (d) decoder-only limit", f["tuned_b"] / f["tuned_d"], TARGETS["b_over_d"]),
-        ("1. training, GPT-2 frozen: (b) cache / (a) plain", f["frozen_b"] / f["frozen_a"], None),
-        ("2. encoder: bfloat16 + channels-last / float32", f["enc_bf16_cl"] / f["enc_fp32"], TARGETS["encoder"]),
-        ("2. encoder: float32 + channels-last / float32", f["enc_fp32_cl"] / f["enc_fp32"], None),
-        ("3. decoding: generate.py / re-run loop", f["dec_ours"] / f["dec_loop"], TARGETS["vs_recompute"]),
-        ("3. decoding: generate.py / transformers generate", f["dec_ours"] / f["dec_hf"], TARGETS["vs_transformers"]),
-        ("4. stories: batched / one at a time", f["batched"] / f["single"], TARGETS["batched"]),
+    ratios = [  # label, numerator, denominator, target: each where its section was measured
+        ("1. training, GPT-2 frozen: (c) cache + bfloat16 / (a) plain", "frozen_c", "frozen_a", TARGETS["frozen_c_over_a"]),
+        ("1. training, GPT-2 frozen: (b) cache / (d) decoder-only limit", "frozen_b", "frozen_d", TARGETS["b_over_d"]),
+        ("1. training, GPT-2 fine-tuned: (c) cache + bfloat16 / (a) plain", "tuned_c", "tuned_a", None),
+        ("1. training, GPT-2 fine-tuned: (b) cache / (d) decoder-only limit", "tuned_b", "tuned_d", TARGETS["b_over_d"]),
+        ("1. training, GPT-2 frozen: (b) cache / (a) plain", "frozen_b", "frozen_a", None),
+        ("2. encoder: bfloat16 + channels-last / float32", "enc_bf16_cl", "enc_fp32", TARGETS["encoder"]),
+        ("2. encoder: float32 + channels-last / float32", "enc_fp32_cl", "enc_fp32", None),
+        ("3. decoding: generate.py / re-run loop", "dec_ours", "dec_loop", TARGETS["vs_recompute"]),
+        ("3. decoding: generate.py / transformers generate", "dec_ours", "dec_hf", TARGETS["vs_transformers"]),
+        ("4. stories: batched / one at a time", "batched", "single", TARGETS["batched"]),
+        ("5a. decoding, batch 1: int8 / float32", "dec_int8", "dec_none", TARGETS["int8_batch_1"]),
+        (f"5b. stories for {n} images, batched: int8 / float32", "stories_int8", "stories_none", TARGETS["int8_batched"]),
+        ("5c. reference loss: int8 / float32", "loss_int8", "loss_none", ("<=", TARGETS["int8_loss"])),
+        ("5a. peak memory while decoding, batch 1: int8 / float32", "peak_int8", "peak_none", ("<", TARGETS["int8_memory"])),
     ]
+    if int8:
+        figures.update(loss_int8=q["int8"], loss_none=q["float32"], peak_int8=peaks["dec_int8"], peak_none=peaks["dec_none"])
     print("\n| ratio | measured | target |\n|---|---|---|")
-    for label, value, target in ratios:
-        verdict = "" if target is None else f">= {target:g}x: {'met' if value >= target else 'not met'}"
-        print(f"| {label} | {value:.2f}x | {verdict} |")
+    for label, numerator, denominator, target in ratios:
+        if numerator in figures and denominator in figures:
+            value = figures[numerator] / figures[denominator]
+            digits = 3 if "loss" in label else 2  # a 2% bound needs the third
+            print(f"| {label} | {value:.{digits}f}x | {verdict(value, target)} |")
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end", flush=True)
 
 

@@ -25,6 +25,7 @@ from tqdm import tqdm
 import dataset
 import generate
 import metrics
+import quantize
 import utils
 from train import positive_int
 from utils import UserError
@@ -57,6 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=positive_int, default=16,
                    help="images per generate call and stories per scoring pass (default: %(default)s)")
     p.add_argument("--device", type=utils.parse_device, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    generate.add_quantize_arg(p)
     p.add_argument("--decoder", "--gpt2", dest="decoder",
                    help="where to load a frozen decoder from (a hub name or folder), if not where training took it")
     p.add_argument("--encoder-weights", help="state_dict file of a frozen ResNet-50 or timm encoder, if not where training took it")
@@ -72,6 +74,8 @@ def main(argv=None):
     log_records = read_metrics_log(args.metrics_log or utils.metrics_path(args.checkpoint)) if args.curves else None
     model, tokenizer = utils.load_model(ckpt, decoder=args.decoder, encoder_weights=args.encoder_weights, where=args.checkpoint)
     model.to(device).eval()
+    if args.quantize != "none":
+        model.decoder = quantize.quantize_decoder(model.decoder, args.quantize)
     examples = dataset.read_examples(args.stories, args.images, min_side=model.config.resize_size)
     references = {}  # image -> its reference stories, in file order
     for ex in examples:
@@ -163,8 +167,9 @@ def fluency(model, tokenizer, stories, batch_size, device, notes) -> float:
     ids = tokenizer(stories, add_special_tokens=False)["input_ids"]
     tokens = [[start] + x + [tokenizer.eos_token_id] for x in ids]
     decoder = model.decoder
-    adapters_off = decoder.disable_adapter() if model.config.lora else contextlib.nullcontext()
-    if model.config.train_decoder:
+    peft = hasattr(decoder, "disable_adapter")  # LoRA adapters not merged (--quantize merges them)
+    adapters_off = decoder.disable_adapter() if peft else contextlib.nullcontext()
+    if model.config.train_decoder or (model.config.lora and not peft):
         notes.append("fluency is scored by the fine-tuned decoder (a frozen or LoRA-tuned one scores as the plain decoder)")
     total, count = 0.0, 0
     with adapters_off:

@@ -1,5 +1,6 @@
 """Speed and scale: the feature cache, gradient accumulation, torchrun, many images, and bench.py."""
 import json
+import re
 import shutil
 
 import torch
@@ -154,9 +155,16 @@ def test_bench_quick_prints_every_figure_and_ratio():
                  "1d. training, GPT-2 frozen", "1a. training, GPT-2 fine-tuned", "1d. training, GPT-2 fine-tuned",
                  "2. encoder, float32, default", "2. encoder, bfloat16 + channels-last",
                  "3. decoding, batch 1", "3. decoding: plain transformers", "3. decoding: re-run",
-                 "4. stories for 2 images, batched", "4. stories for 2 images, one at a time"]:
+                 "4. stories for 2 images, batched", "4. stories for 2 images, one at a time",
+                 "5a. decoding, batch 1, 8 new tokens, float32", "5a. decoding, batch 1, 8 new tokens, int8",
+                 "5b. stories for 2 images, batched, float32", "5b. stories for 2 images, batched, int8"]:
         row = next(r for r in rows if r.startswith(f"| {what}"))
         figure, memory = row.strip("| ").split(" | ")[1:3]
         assert float(figure.split()[0]) > 0 and memory.endswith("MiB")
+    # The quality rows: a loss for each, and a count of unchanged greedy stories.
+    losses = [float(r.split(" | ")[1]) for r in rows if r.startswith("| 5c. reference loss per token")]
+    assert len(losses) == 2 and all(loss > 0 for loss in losses)
+    same = next(r for r in rows if r.startswith("| 5d. greedy stories")).split(" | ")[1]
+    assert re.fullmatch(r"\d+ of 43 images", same), same
     ratios = [r for r in rows if r.endswith("met |")]
-    assert len(ratios) == 7 and all(float(r.strip("| ").split(" | ")[1].rstrip("x")) > 0 for r in ratios)
+    assert len(ratios) == 11 and all(float(r.strip("| ").split(" | ")[1].rstrip("x")) > 0 for r in ratios)
