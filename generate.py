@@ -56,8 +56,9 @@ def add_decoding_args(p):
 def add_quantize_arg(p):
     """--quantize, shared with app.py and evaluate.py."""
     p.add_argument("--quantize", choices=["none", *quantize.METHODS], default="none",
-                   help="int8: the decoder's weights become int8 when the model loads: 1.8x the tokens/s of "
-                        "float32 on the README's CPU, CPU only (docs/quantization.md) (default: %(default)s)")
+                   help="int8: the decoder's weights become int8 when the model loads: 1.6-1.8x the tokens/s of "
+                        "float32 on the README's CPU, CPU only; fine for GPT-2-style models, but it raised a real "
+                        "SmolLM2's loss 2.4x: check yours with bench.py --only 5 --checkpoint (default: %(default)s)")
 
 
 def check_decoding_args(p, args):
