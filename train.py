@@ -637,6 +637,8 @@ def load_resume(args, run) -> dict:
     if "rng" not in state:
         raise UserError(f"{args.resume}: holds no training state to resume from; train again without --resume")
     for key in RESUME_MUST_MATCH:
+        if key.startswith("lora_") and not args.lora and not state["args"].get("lora"):
+            continue  # LoRA's settings shape nothing without LoRA (and their defaults changed)
         saved = state["args"].get(key, state["args"].get(OLD_NAMES.get(key)))
         if key == "prefix_norm" and key not in state["args"]:
             saved = False  # saved before the prefix could be normalised

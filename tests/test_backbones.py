@@ -199,3 +199,18 @@ def test_the_small_preset_takes_prepared_weights_or_says_how_to_get_them(tmp_pat
     assert not args.prefix_norm and not args.train_encoder
     lora = train.parse_args(["--preset", "small", "--lora"])  # adapters instead of a frozen decoder
     assert lora.lora and not lora.freeze_decoder and lora.lr == 2e-4
+
+
+def test_a_checkpoint_from_before_any_backbone_still_resumes(tiny_checkpoint, tmp_path, capsys):
+    """Checkpoints saved before --decoder existed name it --gpt2 (and --freeze-gpt2), have no
+    --prefix-norm and store LoRA's old default targets: --resume maps them and goes on."""
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    saved = ckpt["train"]["args"]
+    saved["gpt2"], saved["freeze_gpt2"] = saved.pop("decoder"), saved.pop("freeze_decoder")
+    del saved["prefix_norm"]
+    saved["lora_targets"] = ["c_attn"]
+    old = tmp_path / "old.pt"
+    utils.save_checkpoint(ckpt, old)
+    assert train.main(["--preset", "tiny", "--images", str(DATA / "images"), "--stories", str(DATA / "stories.txt"),
+                       "--out", str(old), "--device", "cpu", "--resume", str(old)]) == 0
+    assert f"{old} has finished all 40 epochs; nothing to resume" in capsys.readouterr().out
