@@ -38,7 +38,7 @@ class StoryConfig:
     mapper_layers: int = 8  # transformer mapper depth (ClipCap's default)
     decoder: dict = field(default_factory=dict)  # the decoder's transformers config.to_dict() (has its model_type)
     # RMS the prefix vectors are normalised to at the start of training: the decoder's token-embedding RMS,
-    # so the prefix lands on the scale of the words it stands in for. None: the mapper's output as it is.
+    # so the prefix lands on the scale of the words it stands in for. None (the default): the mapper's output.
     prefix_scale: float | None = None
     lora: dict | None = None  # peft LoraConfig arguments when the decoder is fine-tuned through LoRA adapters
     styles: list = field(default_factory=list)  # story styles the model was trained with, sorted
@@ -184,9 +184,9 @@ class StoryModel(nn.Module):
         # Style control: one learned embedding per style, appended to the prefix; row 0 is "no style".
         # It trains with the mapper, so it works with a frozen or LoRA-tuned decoder and any tokenizer.
         self.style = nn.Embedding(len(config.styles) + 1, n_embd) if config.styles else None
-        # A frozen pretrained decoder reads the prefix as if it were words: an RMSNorm whose gain starts
-        # at the token embeddings' RMS puts every prefix vector (and the style's) on their scale from step
-        # one, where a raw linear mapper is off by 10x or more (README, "Encoders and decoders").
+        # Opt-in (--prefix-norm): an RMSNorm whose gain starts at the token embeddings' RMS puts every
+        # prefix vector (and the style's) on the scale of the words from step one. The plain linear
+        # mapper already starts within 2x of it and trained better (docs/backbones.md).
         self.prefix_norm = None
         if config.prefix_scale is not None:
             self.prefix_norm = nn.RMSNorm(n_embd, eps=1e-6)
