@@ -132,7 +132,7 @@ def parse_args(argv=None):
                    help="LayerNorm the image features before the mapper (default: on for tiny, off for gpt2)")
     p.add_argument("--prefix-norm", action="store_true",
                    help="RMS-normalise the prefix to the decoder's token-embedding scale, with a learned gain "
-                        "(measured worse than the plain mapper on the sample data: README, 'Encoders and decoders')")
+                        "(measured worse than the plain mapper on the sample data: docs/backbones.md)")
     p.add_argument("--encoder", type=encoder_name,
                    help="resnet50: torchvision's ImageNet ResNet-50 (a small random ResNet with --preset tiny); "
                         "clip-vit-b32: CLIP's vision tower through transformers, frozen; timm:NAME: any timm "
@@ -354,7 +354,8 @@ def timm_settings(name: str) -> dict:
     data config: input size, interpolation, crop fraction, mean, std), as timm's eval transform does it:
     shorter side to floor(size / crop_pct), centre crop of size."""
     import timm
-    net = timm.create_model(name.removeprefix(TIMM), pretrained=False, num_classes=0)
+    with torch.device("meta"):  # its config and feature size only: StoryModel builds the real one
+        net = timm.create_model(name.removeprefix(TIMM), pretrained=False, num_classes=0)
     data = timm.data.resolve_model_data_config(net)
     _, height, width = data["input_size"]
     if height != width or data.get("crop_mode", "center") != "center":
