@@ -13,14 +13,12 @@ from pathlib import Path
 import gradio as gr
 
 import dataset
-import generate
-import quantize
-import utils
+from cli import DataError, UserError, non_negative_int, parse_device, positive_int, run_cli
+from storyteller import DEFAULTS, STRATEGIES, Storyteller, add_quantize_arg
 
 SAMPLES = Path(__file__).resolve().parent / "data" / "images"
 MAX_STORIES = 5
 MIN_LENGTH = 8
-STRATEGIES = ["sample", "beam", "greedy"]
 TEMPERATURES = (0.1, 2.0)
 NO_UPLOAD = "Upload an image, drop one here, or pick a sample first."
 
@@ -37,9 +35,9 @@ def read_auth_file(path) -> list[tuple[str, str]]:
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        raise utils.UserError(f"{path}: auth file not found") from None
+        raise UserError(f"{path}: auth file not found") from None
     except (OSError, UnicodeDecodeError) as err:
-        raise utils.UserError(f"{path}: cannot read the auth file ({getattr(err, 'strerror', None) or err})") from None
+        raise UserError(f"{path}: cannot read the auth file ({getattr(err, 'strerror', None) or err})") from None
     users, problems = [], []
     for number, line in enumerate(lines, start=1):
         if line.strip() and not line.lstrip().startswith("#"):
@@ -49,9 +47,9 @@ def read_auth_file(path) -> list[tuple[str, str]]:
             else:  # the line itself may hold a password: say what is wrong, never echo it
                 problems.append(f"{path}:{number}: expected user:password (a name, a colon, a password)")
     if problems:
-        raise utils.DataError(problems)
+        raise DataError(problems)
     if not users:
-        raise utils.UserError(f"{path}: no user:password lines; add one per user")
+        raise UserError(f"{path}: no user:password lines; add one per user")
     return users
 
 
@@ -77,19 +75,19 @@ def parse_args(argv=None):
     p.add_argument("--host", default="127.0.0.1",
                    help="address to serve on; 0.0.0.0 opens the page to your network (default: %(default)s)")
     p.add_argument("--port", type=port_number, default=7860, help="port to serve on (default: %(default)s)")
-    p.add_argument("--device", type=utils.parse_device, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    generate.add_quantize_arg(p)
-    p.add_argument("--max-image-pixels", type=generate.non_negative_int,
+    p.add_argument("--device", type=parse_device, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    add_quantize_arg(p)
+    p.add_argument("--max-image-pixels", type=non_negative_int,
                    help="refuse larger uploads, a guard against decompression bombs; 0 = no limit (default: Pillow's, about 89 million)")
     p.add_argument("--auth", type=auth_pair, action="append", metavar="USER:PASSWORD",
                    help="ask for this user and password before the page and its API; may be repeated "
                         "(the password shows in `ps` and shell history: --auth-file avoids that)")
     p.add_argument("--auth-file", metavar="FILE", help="users who may log in, one user:password per line")
-    p.add_argument("--max-file-size", type=generate.positive_int, default=20_000_000, metavar="BYTES",
+    p.add_argument("--max-file-size", type=positive_int, default=20_000_000, metavar="BYTES",
                    help="largest upload accepted (default: %(default)s, 20 MB)")
-    p.add_argument("--concurrency", type=generate.positive_int, default=8,
+    p.add_argument("--concurrency", type=positive_int, default=8,
                    help="requests decoded at once, together in one batch (default: %(default)s)")
-    p.add_argument("--max-queue", type=generate.positive_int, default=64,
+    p.add_argument("--max-queue", type=positive_int, default=64,
                    help="requests that may wait for their turn; more are refused at once (default: %(default)s)")
     return p.parse_args(argv)
 
@@ -136,33 +134,24 @@ class Batcher:
         return mine[2]
 
 
-class Storyteller:
-    """The model, loaded once, and the page's Generate button."""
+class WebStoryteller:
+    """The model behind the page, loaded once (storyteller.Storyteller), its Batcher, and the
+    page's Generate button."""
 
     def __init__(self, checkpoint, device="auto", max_batch=1, quantize_method="none"):
-        self.device = utils.pick_device(device)
-        self.model, self.tokenizer = utils.load_model(utils.load_checkpoint(checkpoint), where=checkpoint)
-        self.model.to(self.device).eval()
-        if quantize_method != "none":
-            self.model.decoder = quantize.quantize_decoder(self.model.decoder, quantize_method)
-        self.styles = list(getattr(self.model.config, "styles", None) or [])  # checkpoints trained with styles
-        self.room = generate.story_room(self.model)
+        self.teller = Storyteller(checkpoint, device, quantize=quantize_method)
+        self.model, self.styles, self.room = self.teller.model, self.teller.styles, self.teller.room
         self.batcher = Batcher(self.decode, max_batch)
 
     def decode(self, settings: tuple, images: list) -> list[list[str]]:
         """Stories for several RGB PIL images, all with the same settings (see stories)."""
         style, strategy, temperature, max_new_tokens, num_stories = settings
-        args = argparse.Namespace(**{**generate.DEFAULTS, "strategy": strategy, "temperature": temperature,
-                                     "num_stories": num_stories})
-        gen_config = generate.generation_config(args, self.tokenizer, min(max_new_tokens, self.room))
-        style_arg = {"style": style} if style else {}  # only a model trained with styles takes one
-        named = [(str(k), image) for k, image in enumerate(images)]
-        return [stories for _, stories in generate.write_stories(self.model, self.tokenizer, named, gen_config,
-                                                                 len(named), **style_arg)]
+        gen_config = self.teller.settings(strategy=strategy, temperature=temperature, max_new_tokens=max_new_tokens,
+                                          num_stories=num_stories)
+        return self.teller.stories(images, gen_config, style)
 
-    def stories(self, image, style=None, strategy=generate.DEFAULTS["strategy"],
-                temperature=generate.DEFAULTS["temperature"], max_new_tokens=generate.DEFAULTS["max_new_tokens"],
-                num_stories=1) -> list[str]:
+    def stories(self, image, style=None, strategy=DEFAULTS["strategy"], temperature=DEFAULTS["temperature"],
+                max_new_tokens=DEFAULTS["max_new_tokens"], num_stories=1) -> list[str]:
         """Stories about one RGB PIL image, decoded as generate.py does with the same settings."""
         return self.batcher((style, strategy, temperature, max_new_tokens, num_stories), image)
 
@@ -206,7 +195,7 @@ class Storyteller:
             raise gr.Error(name + message[len(path):], print_exception=False) from None
         try:
             stories = self.stories(image, *settings)
-        except utils.UserError as err:  # e.g. a style this model does not know
+        except UserError as err:  # e.g. a style this model does not know
             raise gr.Error(str(err), print_exception=False) from None
         if len(stories) == 1:
             return stories[0]
@@ -244,7 +233,7 @@ class Page(gr.Blocks):
         return await super().preprocess_data(block_fn, inputs, state, explicit_call)
 
 
-def build_page(teller: Storyteller | None, problem: str | None = None) -> gr.Blocks:
+def build_page(teller: WebStoryteller | None, problem: str | None = None) -> gr.Blocks:
     """The page; without a model it only says why (problem), so a browser user learns it too."""
     # analytics_enabled=False: no usage reports and no version check leave this machine.
     with Page(title="image-to-story", analytics_enabled=False) as page:
@@ -253,7 +242,7 @@ def build_page(teller: Storyteller | None, problem: str | None = None) -> gr.Blo
             return page
         gr.Markdown("# image-to-story\nUpload or drop a picture (or pick a sample below), press **Generate**, "
                     "read its story.")
-        d = generate.DEFAULTS
+        d = DEFAULTS
         with gr.Row():
             with gr.Column():
                 image = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"])
@@ -262,7 +251,7 @@ def build_page(teller: Storyteller | None, problem: str | None = None) -> gr.Blo
             with gr.Column():
                 style = gr.Dropdown([("none", "")] + [(s, s) for s in teller.styles], value="", label="Style",
                                     visible=bool(teller.styles))
-                strategy = gr.Radio(["sample", "beam", "greedy"], value=d["strategy"], label="Strategy",
+                strategy = gr.Radio(STRATEGIES, value=d["strategy"], label="Strategy",
                                     info="sample: varied; beam and greedy: the most likely words")
                 temperature = gr.Slider(0.1, 2.0, value=d["temperature"], step=0.05, label="Temperature",
                                         info="sample only: higher is wilder")
@@ -287,9 +276,9 @@ def main(argv=None):
         print(f"warning: serving on {args.host} without --auth: anyone who can reach this machine can use the "
               f"page and its API; add --auth-file FILE (one user:password per line)", file=sys.stderr)
     try:
-        teller, problem = Storyteller(args.checkpoint, args.device, max_batch=args.concurrency,
+        teller, problem = WebStoryteller(args.checkpoint, args.device, max_batch=args.concurrency,
                                       quantize_method=args.quantize), None
-    except utils.UserError as err:  # still serve the page: whoever opens it is told what is wrong
+    except UserError as err:  # still serve the page: whoever opens it is told what is wrong
         teller, problem = None, str(err)
         print(f"error: {problem}", file=sys.stderr)
     page = build_page(teller, problem)
@@ -302,8 +291,8 @@ def main(argv=None):
                     auth=users or None, max_file_size=args.max_file_size)
     except OSError as err:
         reason = str(err).split(". ")[0]  # gradio's advice after the first sentence names its own parameters
-        raise utils.UserError(f"cannot serve on {args.host}:{args.port} ({reason}); choose another --port") from None
+        raise UserError(f"cannot serve on {args.host}:{args.port} ({reason}); choose another --port") from None
 
 
 if __name__ == "__main__":
-    utils.run_cli(main)
+    run_cli(main)

@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import platform
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,13 +32,17 @@ import torch
 from transformers import GPT2Config
 
 import dataset
-import generate
 import quantize
-import train
-import utils
+import storyteller
+import training
+from backbones import train_tokenizer
+from checkpoint import load_checkpoint, load_model
+from cli import UserError, parse_device, pick_device, run_cli
+from distributed import Run
 from model import StoryConfig, StoryModel, build_encoder
 
-DATA = Path(__file__).resolve().parent / "data"
+ROOT = Path(__file__).resolve().parent
+DATA = ROOT / "data"
 
 SIZES = {
     # What `python train.py` trains: GPT-2 small (124M) and ResNet-50 at 224 px.
@@ -105,7 +110,7 @@ def build(size, device, train_decoder=True):
     """A story model of the benchmark's size with random weights, and a tokenizer trained on the sample stories."""
     torch.manual_seed(0)
     stories = [ex.story for ex in dataset.parse_stories(DATA / "stories.txt")[0]]
-    tokenizer = utils.train_tokenizer(stories, vocab_size=2000)
+    tokenizer = train_tokenizer(stories, vocab_size=2000)
     decoder = GPT2Config(**size["decoder"], bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
     config = StoryConfig(encoder=size["encoder"], image_size=size["image_size"], resize_size=size["resize_size"],
                          decoder=decoder.to_dict(), train_encoder=False, train_decoder=train_decoder)
@@ -126,29 +131,30 @@ def training_rate(size, device, freeze_gpt2, path):
     (the decoder-only limit: one batch of features already on the device, reused)."""
     model, tokenizer = build(size, device, train_decoder=not freeze_gpt2)
     with tempfile.TemporaryDirectory() as cache:
-        flags = ["--images", str(DATA / "images"), "--stories", str(DATA / "stories.txt"), "--val-split", "0",
-                 "--batch-size", str(size["batch_size"]), "--feature-cache", cache,
-                 "--dtype", "bfloat16" if path == "cached-bf16" else "float32"]
-        args = train.parse_args(flags + (["--no-feature-cache"] if path == "plain" else []))
-        run = train.Run(device)
-        examples = dataset.read_examples(args.stories, args.images, min_side=size["resize_size"])
-        features = train.cached_features(model.train(), examples, args, run)  # a first run's encoding: not timed
-        loader, _ = train.make_loaders(args, run, model, tokenizer, examples, features)
+        dtype = "bfloat16" if path == "cached-bf16" else "float32"
+        run = Run(device)
+        examples = dataset.read_examples(DATA / "stories.txt", DATA / "images", min_side=size["resize_size"])
+        features = training.cached_features(model.train(), examples, run, images_dir=DATA / "images",  # not timed
+                                            cache_dir=None if path == "plain" else cache, dtype=dtype,
+                                            batch_size=size["batch_size"], num_workers=0)
+        loader, _ = training.make_loaders(model, tokenizer, examples, run, images_dir=DATA / "images",
+                                          stories_path=DATA / "stories.txt", batch_size=size["batch_size"],
+                                          num_workers=0, val_split=0, seed=0, features=features)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-5)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         scaler = torch.amp.GradScaler(device.type, enabled=False)
-        amp = partial(train.autocast, args, device)
+        amp = partial(training.autocast, device, dtype)
         if path == "in-memory":
-            fixed = train.to_device(next(iter(loader)), device)
+            fixed = training.to_device(next(iter(loader)), device)
             batches = iter(lambda: fixed, None)
         else:
             batches = epochs(loader)
 
         def step():
             batch = next(batches)
-            train.forward_backward(model, [batch], device, amp, scaler)
-            train.optimizer_step(optimizer, scheduler, scaler, params, grad_clip=1.0)
+            training.forward_backward(model, [batch], device, amp, scaler)
+            training.optimizer_step(optimizer, scheduler, scaler, params, grad_clip=1.0)
 
         return size["batch_size"] / fastest(step, size["steps"])  # (66 stories: no short batch within 4 steps)
 
@@ -188,7 +194,7 @@ def decoding_rate(size, device, how, method=None):
     n = size["new_tokens"]
     features = torch.randn(1, model.config.feature_dim, device=device)
     if how == "generate.py":  # its own generation settings (greedy), through StoryModel.generate
-        config = generate.generation_config(generate.parse_args(["x", "--strategy", "greedy"]), tokenizer, n)
+        config = storyteller.generation_config(tokenizer, n, strategy="greedy")
         config.min_new_tokens = n
         run = partial(model.generate, features=features, generation_config=config)
     elif how == "transformers":  # plain transformers generate on the prefix, float32, nothing else
@@ -206,21 +212,24 @@ def decoding_rate(size, device, how, method=None):
 
 
 def stories_rate(size, device, batch_size, method=None):
-    """Stories/s for story_images images through generate.py's write_stories (its default sampling).
+    """Stories/s for story_images images through generate.py's path, storyteller.encode_images and
+    stories_from_features, batch_size images at a time (its default sampling).
     method: as decoding_rate's."""
     model, tokenizer = build(size, device)
     model.eval()
     if method is not None:
         quantized(model, method)
     paths = sorted((DATA / "images").glob("*.jpg"))[: size["story_images"]]
-    images = [(str(p), dataset.load_image(p, size["resize_size"])) for p in paths]
+    images = [dataset.load_image(p, size["resize_size"]) for p in paths]
     n = size["story_tokens"]
-    config = generate.generation_config(generate.parse_args(["x", "--seed", "0"]), tokenizer, n)
+    config = storyteller.generation_config(tokenizer, n)
     config.min_new_tokens = n  # every story as long, batched or not
 
     def run():
         torch.manual_seed(0)
-        list(generate.write_stories(model, tokenizer, images, config, batch_size))
+        for start in range(0, len(images), batch_size):
+            features = storyteller.encode_images(model, images[start:start + batch_size])
+            storyteller.stories_from_features(model, tokenizer, features, config)
 
     return len(images) / fastest(run, 1)
 
@@ -233,12 +242,19 @@ def quality(size, device, checkpoint, method):
     if size == SIZES["quick"]:  # (a copy: measure() sends it to another process)
         return compare(*build(size, device), device, method)
     if checkpoint is not None:
-        return compare(*utils.load_model(utils.load_checkpoint(checkpoint), where=checkpoint), device, method)
+        return compare(*load_model(load_checkpoint(checkpoint), where=checkpoint), device, method)
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = Path(folder) / "tiny.pt"
-        train.main(["--preset", "tiny", "--images", str(DATA / "images"), "--stories", str(DATA / "stories.txt"),
-                    "--out", str(checkpoint), "--device", str(device)])
-        return compare(*utils.load_model(utils.load_checkpoint(checkpoint), where=str(checkpoint)), device, method)
+        train_tiny(checkpoint, device)
+        return compare(*load_model(load_checkpoint(checkpoint), where=str(checkpoint)), device, method)
+
+
+def train_tiny(out, device):
+    """`python train.py --preset tiny` on the sample data, as a user runs it (a script, not imported)."""
+    command = [sys.executable, str(ROOT / "train.py"), "--preset", "tiny", "--images", str(DATA / "images"),
+               "--stories", str(DATA / "stories.txt"), "--out", str(out), "--device", str(device)]
+    if subprocess.run(command, stdout=subprocess.DEVNULL).returncode != 0:
+        raise UserError("training the tiny model for section 5 failed (see above); pass --checkpoint FILE")
 
 
 @torch.no_grad()
@@ -249,10 +265,10 @@ def compare(model, tokenizer, device, method):
     examples = dataset.read_examples(DATA / "stories.txt", DATA / "images", min_side=model.config.resize_size)
     names = sorted({ex.image for ex in examples})
     images = [dataset.load_image(DATA / "images" / name, model.config.resize_size) for name in names]
-    features = torch.cat([generate.encode_images(model, images[i:i + 16])
+    features = torch.cat([storyteller.encode_images(model, images[i:i + 16])
                           for i in range(0, len(images), 16)])  # (images, feature_dim): the encoder stays float32
     row = {name: i for i, name in enumerate(names)}
-    room = generate.story_room(model)
+    room = storyteller.story_room(model)
     result = {}
     for name, m in models.items():
         nll = count = 0
@@ -264,8 +280,8 @@ def compare(model, tokenizer, device, method):
                     style_ids=None if styles is None else torch.tensor(styles, device=device))
             nll, count = nll + float(out.loss) * ids.shape[1], count + ids.shape[1]
         result[name] = nll / count
-    config = generate.generation_config(generate.parse_args(["x", "--strategy", "greedy"]), tokenizer, min(80, room))
-    greedy = {name: generate.stories_from_features(m, tokenizer, features, config) for name, m in models.items()}
+    config = storyteller.generation_config(tokenizer, min(80, room), strategy="greedy")
+    greedy = {name: storyteller.stories_from_features(m, tokenizer, features, config) for name, m in models.items()}
     result["same"] = sum(a == b for a, b in zip(greedy["float32"], greedy[method]))
     result["images"] = len(names)
     return result
@@ -285,7 +301,7 @@ def verdict(value, target) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="toy model sizes: every row in seconds, the figures mean nothing")
-    p.add_argument("--device", type=utils.parse_device, default="cpu", help="cpu, cuda, cuda:N, mps or auto (default: %(default)s)")
+    p.add_argument("--device", type=parse_device, default="cpu", help="cpu, cuda, cuda:N, mps or auto (default: %(default)s)")
     p.add_argument("--only", type=int, choices=range(1, 6), metavar="SECTION",
                    help="measure only this section of the table, 1-5 (5: int8 weights), and its ratios")
     p.add_argument("--checkpoint", help="a model trained by train.py for section 5's quality rows "
@@ -305,7 +321,7 @@ def cpu_name() -> str:
 
 def main(argv=None):
     args = parse_args(argv)
-    device = utils.pick_device(args.device)
+    device = pick_device(args.device)
     size = SIZES["quick" if args.quick else "full"]
     what = "toy sizes (--quick)" if args.quick else "GPT-2 small (124M) + ResNet-50, random weights"
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_name()}, {os.cpu_count()} CPUs"
@@ -389,4 +405,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    utils.run_cli(main)
+    run_cli(main)

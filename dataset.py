@@ -21,7 +21,8 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.models import ResNet50_Weights
 
-from utils import DataError, UserError, os_error, temp_file_beside
+from cli import DataError, UserError
+from files import os_error, temp_file_beside
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 # What load_image raises for a file that is not a usable image (UnidentifiedImageError is an OSError).

@@ -23,12 +23,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import dataset
-import generate
 import metrics
-import quantize
-import utils
-from train import positive_int
-from utils import UserError
+from cli import UserError, non_negative_int, parse_device, positive_int, run_cli
+from files import atomic_write
+from storyteller import Storyteller, add_decoding_args, add_quantize_arg, check_decoding_args, decoding
+from training import metrics_path
 
 CLIP_DEFAULT = "openai/clip-vit-base-patch32"
 
@@ -45,57 +44,54 @@ def parse_args(argv=None):
                    help="images on the contact sheet, the first ones of the stories file (default: %(default)s)")
     p.add_argument("--curves", help="also draw the training curves PNG from the checkpoint's metrics log")
     p.add_argument("--metrics-log", help="metrics log written by train.py (default: NAME.metrics.jsonl beside the checkpoint)")
-    p.add_argument("--rank-images", type=generate.non_negative_int, default=100,
+    p.add_argument("--rank-images", type=non_negative_int, default=100,
                    help="images in the consistency check, drawn at random; each scores every reference story of "
                         "them all, so the cost grows with the square; 0 = skip (default: %(default)s)")
     p.add_argument("--clip", default=CLIP_DEFAULT,
                    help="CLIP for CLIPScore: a save_pretrained folder or a hub name already in the Hugging Face "
                         "cache; never downloaded, skipped when absent (default: %(default)s)")
-    generate.add_decoding_args(p)
+    add_decoding_args(p)
     p.add_argument("--style", help="style of the generated stories, for a model trained with a style column "
                                    "(default: no style); reference stories are always scored with their own style")
     p.set_defaults(seed=0)  # metrics should repeat: sampling is seeded unless told otherwise
     p.add_argument("--batch-size", type=positive_int, default=16,
                    help="images per generate call and stories per scoring pass (default: %(default)s)")
-    p.add_argument("--device", type=utils.parse_device, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    generate.add_quantize_arg(p)
+    p.add_argument("--device", type=parse_device, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    add_quantize_arg(p)
     p.add_argument("--decoder", "--gpt2", dest="decoder",
                    help="where to load a frozen decoder from (a hub name or folder), if not where training took it")
     p.add_argument("--encoder-weights", help="state_dict file of a frozen ResNet-50 or timm encoder, if not where training took it")
     args = p.parse_args(argv)
-    generate.check_decoding_args(p, args)
+    check_decoding_args(p, args)
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device = utils.pick_device(args.device)
-    ckpt = utils.load_checkpoint(args.checkpoint)
-    log_records = read_metrics_log(args.metrics_log or utils.metrics_path(args.checkpoint)) if args.curves else None
-    model, tokenizer = utils.load_model(ckpt, decoder=args.decoder, encoder_weights=args.encoder_weights, where=args.checkpoint)
-    model.to(device).eval()
-    if args.quantize != "none":
-        model.decoder = quantize.quantize_decoder(model.decoder, args.quantize)
+    log_records = read_metrics_log(args.metrics_log or metrics_path(args.checkpoint)) if args.curves else None
+    teller = Storyteller(args.checkpoint, args.device, quantize=args.quantize, decoder=args.decoder,
+                         encoder_weights=args.encoder_weights)
+    model, tokenizer, device = teller.model, teller.tokenizer, teller.device
     examples = dataset.read_examples(args.stories, args.images, min_side=model.config.resize_size)
     references = {}  # image -> its reference stories, in file order
     for ex in examples:
         references.setdefault(ex.image, []).append(ex.story)
     names = list(references)
     notes = []
-    generate.style_id(model.config, args.style)  # refuse an unknown style before generating
+    teller.check_style(args.style)  # refuse an unknown style before generating
     if model.config.styles:
         notes.append(f"the model knows the styles {', '.join(model.config.styles)}; stories were written "
                      + (f"in the style {args.style}" if args.style else "without one (--style picks one)"))
 
     # Stories for every image, decoded as generate.py does; the image features are kept for scoring.
-    room = generate.story_room(model)
-    gen_config = generate.generation_config(args, tokenizer, min(args.max_new_tokens, room))
+    room = teller.room
+    gen_config = teller.settings(**decoding(args))
     torch.manual_seed(args.seed)
     generated, features = {}, []
     for start in tqdm(range(0, len(names), args.batch_size), desc="generating", leave=False, disable=None):
         chunk = names[start:start + args.batch_size]
-        batch = generate.encode_images(model, [load(args.images, name, model.config.resize_size) for name in chunk])
-        generated.update(zip(chunk, generate.stories_from_features(model, tokenizer, batch, gen_config, args.style)))
+        batch = teller.encode([load(args.images, name, model.config.resize_size) for name in chunk])
+        generated.update(zip(chunk, teller.from_features(batch, gen_config, args.style)))
         features.append(batch.float().cpu())
     features = torch.cat(features)  # (images, feature_dim)
 
@@ -139,7 +135,7 @@ def main(argv=None):
                            "decoding": {k: getattr(gen_config, k) for k in sorted(DECODING_KEYS)},
                            "strategy": args.strategy, "seed": args.seed},
               "stories": generated}
-    with utils.atomic_write(args.out) as f:
+    with atomic_write(args.out) as f:
         json.dump(report, f, indent=1, ensure_ascii=False)
     print(f"wrote {args.out}")
     if args.sheet:
@@ -308,7 +304,7 @@ def pyplot():
 
 
 def save_figure(fig, path):
-    with utils.atomic_write(path, "wb") as f:
+    with atomic_write(path, "wb") as f:
         fig.savefig(f, format="png", dpi=100)
     pyplot().close(fig)
 
@@ -385,4 +381,4 @@ def draw_curves(path, records):
 
 
 if __name__ == "__main__":
-    utils.run_cli(main)
+    run_cli(main)

@@ -7,63 +7,16 @@
     python generate.py data/stories.txt --images data/images     # the images a list or stories file names
 """
 import argparse
-import json
 import sys
-import warnings
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import GenerationConfig
 
 import dataset
-import quantize
-import utils
-from model import decoder_sizes
-from train import DTYPES, checked_number, non_negative_int, positive_float, positive_int
-from utils import UserError
-
-# The prefix is embeddings, not tokens, so n-gram blocking and the repetition penalty can only look
-# at the story itself: as intended.
-warnings.filterwarnings("ignore", message="Passing `(no_repeat_ngram_size|repetition_penalty)` with `inputs_embeds`")
-
-# A story wants some surprise but stays on topic: top-k sampling, a little cooler than 1.
-DEFAULTS = dict(strategy="sample", top_k=50, top_p=1.0, temperature=0.8, num_beams=4,
-                repetition_penalty=1.0, no_repeat_ngram_size=3, max_new_tokens=80)
-
-
-def top_p_value(value):
-    return checked_number(float, value, lambda x: 0 < x <= 1, "in (0, 1]")
-
-
-def add_decoding_args(p):
-    """The decoding flags, shared with evaluate.py so both decode the same way."""
-    p.add_argument("--strategy", choices=["greedy", "sample", "beam"], default=DEFAULTS["strategy"],
-                   help="greedy: most likely words; sample: top-k/top-p sampling; beam: beam search (default: %(default)s)")
-    p.add_argument("--top-k", type=non_negative_int, default=DEFAULTS["top_k"], help="sample from the k most likely tokens; 0 = all (default: %(default)s)")
-    p.add_argument("--top-p", type=top_p_value, default=DEFAULTS["top_p"], help="nucleus sampling mass in (0, 1] (default: %(default)s)")
-    p.add_argument("--temperature", type=positive_float, default=DEFAULTS["temperature"], help="sampling temperature (default: %(default)s)")
-    p.add_argument("--num-beams", type=positive_int, default=DEFAULTS["num_beams"], help="beams for --strategy beam (default: %(default)s)")
-    p.add_argument("--repetition-penalty", type=positive_float, default=DEFAULTS["repetition_penalty"],
-                   help="above 1 discourages repeating tokens (default: %(default)s)")
-    p.add_argument("--no-repeat-ngram-size", type=non_negative_int, default=DEFAULTS["no_repeat_ngram_size"],
-                   help="never repeat an n-gram of this size; 0 = off (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=DEFAULTS["max_new_tokens"], help="story length limit in tokens (default: %(default)s)")
-    p.add_argument("--num-stories", type=positive_int, default=1, help="stories per image, with sample or beam (default: %(default)s)")
-    p.add_argument("--seed", type=int, help="random seed: the same seed gives the same stories")
-
-
-def add_quantize_arg(p):
-    """--quantize, shared with app.py and evaluate.py."""
-    p.add_argument("--quantize", choices=["none", *quantize.METHODS], default="none",
-                   help="int8: the decoder's weights become int8 when the model loads: 1.6-1.8x the tokens/s of "
-                        "float32 on the README's CPU, CPU only; fine for GPT-2-style models, but it raised a real "
-                        "SmolLM2's loss 2.4x: check yours with bench.py --only 5 --checkpoint (default: %(default)s)")
-
-
-def check_decoding_args(p, args):
-    if args.strategy == "greedy" and args.num_stories > 1:
-        p.error("--num-stories above 1 needs --strategy sample or beam (greedy gives one story)")
+from cli import DTYPES, UserError, non_negative_int, parse_device, positive_int, run_cli
+from storyteller import (Storyteller, add_decoding_args, add_quantize_arg, check_decoding_args, decoding,
+                         format_stories)
 
 
 def parse_args(argv=None):
@@ -81,7 +34,7 @@ def parse_args(argv=None):
                    help="precision of the weights while generating: bfloat16 halves the memory and is faster on "
                         "GPUs and on CPUs with AMX or AVX512-BF16 (default: %(default)s)")
     add_quantize_arg(p)
-    p.add_argument("--device", type=utils.parse_device, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--device", type=parse_device, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--decoder", "--gpt2", dest="decoder",
                    help="where to load a frozen decoder from (a hub name or folder), if not where training took it")
     p.add_argument("--encoder-weights", help="state_dict file of a frozen ResNet-50 or timm encoder, if not where "
@@ -92,59 +45,6 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     check_decoding_args(p, args)
     return args
-
-
-def generation_config(args, tokenizer, max_new_tokens) -> GenerationConfig:
-    common = dict(max_new_tokens=max_new_tokens, num_return_sequences=args.num_stories,
-                  repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
-                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    if args.strategy == "sample":
-        return GenerationConfig(do_sample=True, top_k=args.top_k, top_p=args.top_p,
-                                temperature=args.temperature, **common)
-    if args.strategy == "beam":
-        beams = max(args.num_beams, args.num_stories)
-        return GenerationConfig(do_sample=False, num_beams=beams, early_stopping=beams > 1, **common)
-    return GenerationConfig(do_sample=False, num_beams=1, **common)
-
-
-def story_room(model) -> int:
-    """Story tokens that fit in the decoder's context after the prefix: the most --max-new-tokens can give."""
-    return decoder_sizes(model.decoder.config)[2] - model.config.prefix_tokens
-
-
-def style_id(config, style: str | None) -> int:
-    """The id of the asked-for style; a UserError naming the known ones if the model has no such style."""
-    try:
-        return config.style_id(style)
-    except ValueError as err:
-        raise UserError(f"--style {style}: {err}") from None
-
-
-@torch.no_grad()
-def encode_images(model, images) -> torch.Tensor:
-    """Pooled encoder features (B, feature_dim) of RGB PIL images, on the model's device and dtype."""
-    transform = dataset.image_transform(model.config)
-    weight = next(model.encoder.parameters())
-    pixels = torch.stack([transform(image) for image in images]).to(weight.device, weight.dtype)
-    return model.encode(pixels.contiguous(memory_format=torch.channels_last))  # the CNN's fastest layout
-
-
-def stories_from_features(model, tokenizer, features, gen_config, style=None) -> list[list[str]]:
-    """gen_config.num_return_sequences stories for each row of features (B, feature_dim)."""
-    sid = style_id(model.config, style)
-    style_ids = torch.full((len(features),), sid, device=features.device) if model.config.styles else None
-    ids = model.generate(features=features, style_ids=style_ids, generation_config=gen_config)
-    texts = [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
-    n = gen_config.num_return_sequences
-    return [texts[i * n:(i + 1) * n] for i in range(len(features))]
-
-
-def write_stories(model, tokenizer, images, gen_config, batch_size, style=None):
-    """Yields (image path, [stories]) for (path, PIL image) pairs, batch_size images per generate call."""
-    for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
-        features = encode_images(model, [image for _, image in chunk])
-        yield from zip([path for path, _ in chunk], stories_from_features(model, tokenizer, features, gen_config, style))
 
 
 def image_paths(args) -> list[str]:
@@ -168,18 +68,12 @@ def image_paths(args) -> list[str]:
 
 def main(argv=None):
     args = parse_args(argv)
-    device = utils.pick_device(args.device)
     dataset.set_max_image_pixels(args.max_image_pixels)
     paths = image_paths(args)
-    ckpt = utils.load_checkpoint(args.checkpoint)
-    model, tokenizer = utils.load_model(ckpt, decoder=args.decoder, encoder_weights=args.encoder_weights, clip=args.clip,
-                                        where=args.checkpoint)
-    model.to(device, DTYPES[args.dtype]).eval()
-    model.encoder.to(memory_format=torch.channels_last)
-    if args.quantize != "none":
-        model.decoder = quantize.quantize_decoder(model.decoder, args.quantize)
-    style_id(model.config, args.style)  # refuse an unknown style before reading any image
-    gen_config = generation_config(args, tokenizer, min(args.max_new_tokens, story_room(model)))
+    teller = Storyteller(args.checkpoint, args.device, args.dtype, args.quantize, decoder=args.decoder,
+                         encoder_weights=args.encoder_weights, clip=args.clip)
+    teller.check_style(args.style)  # refuse an unknown style before reading any image
+    gen_config = teller.settings(**decoding(args))
     if args.seed is not None:
         torch.manual_seed(args.seed)
 
@@ -187,14 +81,15 @@ def main(argv=None):
     failed = 0
     bar = tqdm(total=len(paths), unit="image", file=sys.stderr, disable=True if len(paths) <= args.batch_size else None)
     for start in range(0, len(paths), args.batch_size):
-        images = []
+        chunk, images = [], []
         for path in paths[start:start + args.batch_size]:
             try:
-                images.append((path, dataset.load_image(path, model.config.resize_size)))
+                images.append(teller.load_image(path))
+                chunk.append(path)
             except Exception as err:  # every unreadable file is named; the others still get stories
                 tqdm.write(f"error: {dataset.describe_image_error(path, err)}", file=sys.stderr)
                 failed += 1
-        for path, stories in write_stories(model, tokenizer, images, gen_config, args.batch_size, args.style):
+        for path, stories in zip(chunk, teller.stories(images, gen_config, args.style)):
             tqdm.write(format_stories(path, stories, args.json, several=len(paths) > 1), file=sys.stdout)
         sys.stdout.flush()
         bar.update(len(paths[start:start + args.batch_size]))
@@ -202,14 +97,5 @@ def main(argv=None):
     return 2 if failed else 0
 
 
-def format_stories(path, stories, as_json, several) -> str:
-    if as_json:
-        return "\n".join(json.dumps({"image": path, "story": story}, ensure_ascii=False) for story in stories)
-    lines = [f"== {path} =="] if several else []
-    for k, story in enumerate(stories, start=1):
-        lines += ["Generated Story:" if len(stories) == 1 else f"Generated Story {k}/{len(stories)}:", story, ""]
-    return "\n".join(lines)
-
-
 if __name__ == "__main__":
-    utils.run_cli(main)
+    run_cli(main)

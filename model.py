@@ -2,7 +2,7 @@
 
 The encoder is torchvision's ResNet-50, CLIP's vision tower or any timm model; the decoder is any
 transformers causal LM (GPT-2 by default, Llama, Qwen2, OPT, ...). Pure torch.nn: no file paths, no
-downloads, no printing. Pretrained weights are loaded into these modules by utils.py; the checkpoint
+downloads, no printing. Pretrained weights are loaded into these modules by backbones.py; the checkpoint
 stores StoryConfig, so a saved model is rebuilt from its checkpoint alone.
 """
 import warnings

@@ -24,12 +24,12 @@ import json
 import os
 import posixpath
 import re
-import sys
 import time
 from pathlib import Path
 
 import weights
-from utils import DataError, UserError, atomic_write, parse_device, run_cli
+from cli import DataError, UserError, parse_device, run_cli
+from files import atomic_write
 
 MAX_PROBLEMS = 10  # a broken file is reported by its first few bad lines, not all of them
 LOCAL_WRITER = f"weights/{weights.LM_DIR}"
@@ -144,7 +144,8 @@ def write_stories(args):
     from dataset import parse_stories
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from utils import _from_pretrained, pick_device
+    from backbones import from_pretrained
+    from cli import pick_device
     if "{caption}" not in args.prompt:
         raise UserError(f"--prompt {args.prompt!r}: has no {{caption}} to put the caption in")
     if args.batch_size < 1 or args.max_new_tokens < 1 or args.temperature < 0:
@@ -161,7 +162,7 @@ def write_stories(args):
         return
     writer = args.writer or (LOCAL_WRITER if Path(LOCAL_WRITER).is_dir() else HUB_WRITER)
     ways_out = "run `python prepare.py weights` to make weights/, or pass --writer with a chat model's folder or hub name"
-    model = _from_pretrained(AutoModelForCausalLM, writer, "writer", "--writer", ways_out)
+    model = from_pretrained(AutoModelForCausalLM, writer, "writer", "--writer", ways_out)
     tokenizer = AutoTokenizer.from_pretrained(writer)
     if not tokenizer.chat_template:
         raise UserError(f"--writer {writer}: its tokenizer has no chat template; use an instruct (chat) model")

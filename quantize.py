@@ -13,7 +13,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from utils import UserError
+from cli import UserError
 
 METHODS = ["int8"]
 

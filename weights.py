@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from utils import UMASK, UserError, os_error
+from cli import UserError
+from files import UMASK, os_error
 
 
 @dataclass(frozen=True)

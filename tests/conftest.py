@@ -1,7 +1,10 @@
 """Shared fixtures: a tiny model trained once on the sample data, offline."""
+import importlib
+import io
 import os
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,21 @@ def run_script(*args, cwd=ROOT, env=None, timeout=300):
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def run_main(script, *args):
+    """A script's main() in this process, exactly as its __main__ runs it (through cli.run_cli): the
+    exit code, stdout and stderr of run_script without the ten seconds a new Python process spends
+    importing torch and transformers. run_script stays for what needs a process of its own."""
+    from cli import run_cli
+    main = importlib.import_module(Path(script).stem).main
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            run_cli(lambda: main([str(a) for a in args]))
+        except SystemExit as exit:
+            code = exit.code
+    return subprocess.CompletedProcess([script, *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session")

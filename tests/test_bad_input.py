@@ -2,7 +2,7 @@
 line `error: ...` naming the file (and line) and what to do, no traceback, and no file created
 or changed.
 
-The scripts run in this process through utils.run_cli, exactly as their `__main__` does, so the
+The scripts run in this process through run_cli, exactly as their `__main__` does, so the
 table stays fast; an exception other than the clear error fails the test like a traceback would.
 """
 import json
@@ -17,8 +17,10 @@ from PIL import Image
 
 import generate
 import train
-import utils
 from conftest import DATA
+from backbones import load_resnet50_weights
+from checkpoint import load_checkpoint
+from cli import UserError, run_cli
 
 GOOD = DATA / "images" / "day_grass_house.jpg"  # 320x240 = 76800 pixels
 PIXEL_LIMIT = "100000"  # over GOOD, under big.png
@@ -78,7 +80,7 @@ def run(main, argv, capsys):
     """One command-line run in this process: (exit code, stdout, stderr)."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as stop:
-        utils.run_cli(lambda: main([str(a) for a in argv]))
+        run_cli(lambda: main([str(a) for a in argv]))
     out, err = capsys.readouterr()
     return stop.value.code, out, err
 
@@ -264,8 +266,8 @@ def test_app_refuses_flag(case, args, expected, ws, capsys):
 @pytest.mark.parametrize("case, name, expected", GENERATE_CHECKPOINT_CASES[:7], ids=[c[0] for c in GENERATE_CHECKPOINT_CASES[:7]])
 def test_app_names_a_bad_checkpoint(case, name, expected, checkpoints):
     import app  # the page shows this line instead of the model (app.main)
-    with pytest.raises(utils.UserError) as err:
-        app.Storyteller(checkpoints / name, "cpu")
+    with pytest.raises(UserError) as err:
+        app.WebStoryteller(checkpoints / name, "cpu")
     assert str(err.value).startswith(f"{checkpoints / name}" + expected[len(name):])
 
 
@@ -336,8 +338,8 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_the_code_never_runs(tmp
                    f"tensors and plain data; loading those can run code, so nothing in it was loaded or run; use a "
                    f"checkpoint from a source you trust\n")
     # the same for a checkpoint in the old format, and for train.py --encoder-weights
-    for load in (utils.load_checkpoint, lambda p: utils.load_resnet50_weights(torch.nn.Module(), p)):
+    for load in (load_checkpoint, lambda p: load_resnet50_weights(torch.nn.Module(), p)):
         for path in (evil, legacy):
-            with pytest.raises(utils.UserError, match="refused: it holds pickled Python objects"):
+            with pytest.raises(UserError, match="refused: it holds pickled Python objects"):
                 load(path)
     assert not marker.exists()

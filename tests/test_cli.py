@@ -5,8 +5,7 @@ from pathlib import Path
 
 import torch
 
-import generate
-from conftest import DATA, ROOT, run_script
+from conftest import DATA, run_main, run_script
 
 THINGS = ["house", "tree", "boat", "balloon"]
 
@@ -46,7 +45,7 @@ def test_the_real_photos_get_their_own_stories(tiny_checkpoint):
 
 
 def generate_json(checkpoint, images, *extra):
-    result = run_script("generate.py", *images, "--checkpoint", checkpoint, "--strategy", "greedy", "--json", *extra)
+    result = run_main("generate.py", *images, "--checkpoint", checkpoint, "--strategy", "greedy", "--json", *extra)
     assert result.returncode == 0, result.stderr
     return [json.loads(line) for line in result.stdout.splitlines()]
 
@@ -63,8 +62,8 @@ def test_several_images_stories_each_headed_by_its_image_and_bad_ones_named(tiny
     bad = tmp_path / "broken.jpg"
     bad.write_text("not a picture")
     good = [DATA / "images" / "day_grass_house.jpg", DATA / "images" / "night_sea_boat.jpg"]
-    result = run_script("generate.py", good[0], bad, good[1], "--checkpoint", tiny_checkpoint,
-                        "--strategy", "sample", "--num-stories", "2", "--seed", "3")
+    result = run_main("generate.py", good[0], bad, good[1], "--checkpoint", tiny_checkpoint,
+                      "--strategy", "sample", "--num-stories", "2", "--seed", "3")
     assert result.returncode == 2
     assert str(bad) in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -81,13 +80,13 @@ def test_sampling_with_a_seed_repeats(tiny_checkpoint):
 
 
 def test_missing_checkpoint_says_how_to_train_one(tmp_path):
-    result = run_script("generate.py", DATA / "images" / "day_grass_tree.jpg", "--checkpoint", tmp_path / "none.pt")
+    result = run_main("generate.py", DATA / "images" / "day_grass_tree.jpg", "--checkpoint", tmp_path / "none.pt")
     assert result.returncode == 2 and "python train.py" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_greedy_refuses_several_stories():
-    result = run_script("generate.py", "x.jpg", "--strategy", "greedy", "--num-stories", "2")
+    result = run_main("generate.py", "x.jpg", "--strategy", "greedy", "--num-stories", "2")
     assert result.returncode == 2 and "--num-stories" in result.stderr
 
 

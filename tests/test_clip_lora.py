@@ -10,10 +10,11 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionCo
 
 import dataset
 import train
-import utils
-from conftest import DATA, run_script, write_stories
+from conftest import DATA, run_main, write_stories
 from model import StoryConfig
-from utils import UserError
+from backbones import clip_settings, load_clip, load_decoder, train_tokenizer
+from checkpoint import load_checkpoint, load_model
+from cli import UserError
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def pretrained(tmp_path_factory):
                                 vision_config=dict(tower, image_size=32, patch_size=8)))
     clip.save_pretrained(root / "clip")
     stories = [line for line in (DATA / "stories.txt").read_text().splitlines() if not line.startswith("#")][:6]
-    tokenizer = utils.train_tokenizer([s.split("\t")[1] for s in stories], vocab_size=300)
+    tokenizer = train_tokenizer([s.split("\t")[1] for s in stories], vocab_size=300)
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=64, vocab_size=len(tokenizer),
                                bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)).save_pretrained(root / "gpt2")
     tokenizer.save_pretrained(root / "gpt2")
@@ -48,7 +49,7 @@ def clip_lora_checkpoint(pretrained):
 def test_clip_preprocessing_matches_clip_image_processor():
     """The torchvision transform built from StoryConfig alone gives CLIPImageProcessor's pixels."""
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 52, 3), dtype=np.uint8))
-    config = StoryConfig(**train.clip_settings(CLIPVisionConfig(image_size=32)))
+    config = StoryConfig(**clip_settings(CLIPVisionConfig(image_size=32)))
     ours = dataset.image_transform(config)(image)
     processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     theirs = processor(images=image, return_tensors="pt")["pixel_values"][0]
@@ -71,7 +72,7 @@ def test_checkpoint_holds_only_the_mapper_and_the_adapters(pretrained, clip_lora
 
 def test_lora_keeps_the_base_weights_and_its_adapters_change_the_story(pretrained, clip_lora_checkpoint):
     root, _ = pretrained
-    model, _ = utils.load_model(utils.load_checkpoint(clip_lora_checkpoint))
+    model, _ = load_model(load_checkpoint(clip_lora_checkpoint))
     model.eval()
     base = GPT2LMHeadModel.from_pretrained(root / "gpt2").state_dict()
     loaded = model.decoder.get_base_model().state_dict()
@@ -91,8 +92,8 @@ def test_lora_keeps_the_base_weights_and_its_adapters_change_the_story(pretraine
 
 
 def test_generate_rebuilds_clip_mapper_and_adapters_without_flags(clip_lora_checkpoint):
-    result = run_script("generate.py", DATA / "images" / "day_grass_house.jpg", "--checkpoint", clip_lora_checkpoint,
-                        "--strategy", "greedy", "--max-new-tokens", "8", "--json")
+    result = run_main("generate.py", DATA / "images" / "day_grass_house.jpg", "--checkpoint", clip_lora_checkpoint,
+                      "--strategy", "greedy", "--max-new-tokens", "8", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["story"] and "error" not in result.stderr
 
@@ -106,6 +107,6 @@ def test_a_clip_that_cannot_be_had_offline_stops_with_the_ways_out():
 def test_a_folder_of_another_model_is_refused_not_filled_with_random_weights(pretrained):
     root, _ = pretrained
     with pytest.raises(UserError, match=r"gpt2: not a CLIP model \(it has no weights for .*--clip takes"):
-        utils.load_clip(str(root / "gpt2"))
+        load_clip(str(root / "gpt2"))
     with pytest.raises(UserError, match=r"clip: not a causal LM model .*--decoder takes"):
-        utils.load_decoder(str(root / "clip"))
+        load_decoder(str(root / "clip"))

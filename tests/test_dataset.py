@@ -7,7 +7,7 @@ from PIL import Image
 
 import dataset
 from conftest import write_stories
-from utils import DataError, UserError
+from cli import DataError, UserError
 
 
 def test_reads_bom_crlf_comments_blank_lines_several_stories_and_styles(tmp_path):

@@ -10,10 +10,13 @@ import torch
 from PIL import Image
 
 import evaluate
-import utils
-from conftest import DATA, run_script, write_stories
+from conftest import DATA, run_main, write_stories
 from model import StoryModel
 from test_model import EOS_ID, tiny_config
+from backbones import train_tokenizer
+from checkpoint import load_model
+from cli import UserError
+from training import MetricsLog, metrics_path
 
 
 def sample_stories(tmp_path, n_images):
@@ -25,9 +28,9 @@ def sample_stories(tmp_path, n_images):
 def test_evaluate_prints_the_table_writes_json_and_draws_pictures(tiny_checkpoint, tmp_path):
     stories = sample_stories(tmp_path, 8)  # 8 images, 2 reference stories each
     out, sheet, curves = tmp_path / "metrics.json", tmp_path / "sheet.png", tmp_path / "curves.png"
-    result = run_script("evaluate.py", "--checkpoint", tiny_checkpoint, "--images", DATA / "images", "--stories", stories,
-                        "--strategy", "sample", "--num-stories", "2", "--out", out, "--sheet", sheet, "--curves", curves,
-                        "--clip", tmp_path / "no-clip-here", "--device", "cpu")
+    result = run_main("evaluate.py", "--checkpoint", tiny_checkpoint, "--images", DATA / "images", "--stories", stories,
+                      "--strategy", "sample", "--num-stories", "2", "--out", out, "--sheet", sheet, "--curves", curves,
+                      "--clip", tmp_path / "no-clip-here", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     assert "CIDEr-D" in result.stdout and "consistency recall@1" in result.stdout and "CLIPScore skipped" in result.stdout
 
@@ -50,7 +53,7 @@ def test_evaluate_prints_the_table_writes_json_and_draws_pictures(tiny_checkpoin
 
 
 def test_curves_without_a_log_stop_before_any_work(tiny_checkpoint, tmp_path):
-    with pytest.raises(utils.UserError, match="metrics log not found"):
+    with pytest.raises(UserError, match="metrics log not found"):
         evaluate.main(["--checkpoint", str(tiny_checkpoint), "--curves", str(tmp_path / "c.png"),
                        "--metrics-log", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "m.json")])
     assert not (tmp_path / "m.json").exists()
@@ -72,7 +75,7 @@ def test_story_nll_is_the_training_loss_per_story(styles):
 
 
 def test_train_logs_every_step_and_each_validation_beside_the_checkpoint(tiny_checkpoint):
-    records = [json.loads(line) for line in utils.metrics_path(tiny_checkpoint).read_text().splitlines()]
+    records = [json.loads(line) for line in metrics_path(tiny_checkpoint).read_text().splitlines()]
     steps = [r for r in records if "train_loss" in r]
     vals = [r for r in records if "val_loss" in r]
     last_step = torch.load(tiny_checkpoint, weights_only=True)["train"]["step"]
@@ -96,7 +99,7 @@ def test_metrics_also_go_to_tensorboard_when_it_is_installed(tmp_path, monkeypat
             pass
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=SummaryWriter))
-    log = utils.MetricsLog(tmp_path / "m.metrics.jsonl")
+    log = MetricsLog(tmp_path / "m.metrics.jsonl")
     log.write(3, epoch=1, train_loss=2.5, lr=0.1)
     log.close()
     assert scalars == [("train_loss", 2.5, 3), ("lr", 0.1, 3)]
@@ -108,7 +111,7 @@ def test_clip_score_with_local_weights_and_a_note_without(tmp_path):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
     names = ["day_grass_house.jpg", "night_sea_boat.jpg"]
     stories = ["A red house on the grass.", "A boat on the sea at night."]
-    tokenizer = utils.train_tokenizer(stories * 3, vocab_size=300)
+    tokenizer = train_tokenizer(stories * 3, vocab_size=300)
     config = CLIPConfig(projection_dim=16,
                         text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                                          num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77),
@@ -137,7 +140,7 @@ def test_clip_score_with_local_weights_and_a_note_without(tmp_path):
 def test_fluency_prefers_the_stories_the_decoder_learned_to_their_words_shuffled(tiny_checkpoint):
     """The fluency score is the decoder's own perplexity without an image: text it learned scores far
     lower than the same words in a random order."""
-    model, tokenizer = utils.load_model(torch.load(tiny_checkpoint, weights_only=True))
+    model, tokenizer = load_model(torch.load(tiny_checkpoint, weights_only=True))
     model.eval()
     stories = [line.split("\t")[1] for line in (DATA / "stories.txt").read_text().splitlines()
                if line and not line.startswith("#")][:8]

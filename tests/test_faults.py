@@ -10,11 +10,13 @@ import pytest
 import torch
 
 import dataset
+import backbones
 import train
-import utils
 from conftest import DATA, ROOT, write_stories
 from model import StoryModel
-from utils import UserError
+from checkpoint import check_writable, load_checkpoint, load_model, save_checkpoint
+from cli import UserError
+from training import MetricsLog
 
 STORIES = [line for line in (DATA / "stories.txt").read_text().splitlines() if not line.startswith("#")]
 
@@ -72,9 +74,9 @@ def test_a_run_killed_while_saving_leaves_the_last_checkpoint_readable(tmp_path)
     process.kill()
     process.communicate()
 
-    ckpt = utils.load_checkpoint(out)
-    assert ckpt["train"]["step"] >= 1 and utils.load_model(ckpt)
-    train.check_writable(out)  # the next run clears the half-written file away
+    ckpt = load_checkpoint(out)
+    assert ckpt["train"]["step"] >= 1 and load_model(ckpt)
+    check_writable(out)  # the next run clears the half-written file away
     assert [p.name for p in tmp_path.glob(".m.pt*")] == []
 
 
@@ -93,7 +95,7 @@ def test_a_non_finite_loss_stops_at_its_step_and_keeps_the_last_checkpoint(tmp_p
     monkeypatch.setattr(StoryModel, "forward", blows_up_at_the_third_step)
     with pytest.raises(UserError, match=rf"loss became nan at step 3; stopped without saving \({out} holds step 2\)"):
         train.main(tiny_args(stories, out, "--epochs", "2", "--save-every", "1", "--no-train-encoder"))
-    assert utils.load_checkpoint(out)["train"]["step"] == 2
+    assert load_checkpoint(out)["train"]["step"] == 2
 
 
 def test_out_of_memory_suggests_a_smaller_batch_with_gradient_accumulation(tmp_path, monkeypatch):
@@ -109,14 +111,14 @@ def test_out_of_memory_suggests_a_smaller_batch_with_gradient_accumulation(tmp_p
 
 def test_a_full_disk_fails_clearly_and_keeps_the_previous_checkpoint(tmp_path):
     path = tmp_path / "m.pt"
-    utils.save_checkpoint({"weights": torch.zeros(10)}, path)
+    save_checkpoint({"weights": torch.zeros(10)}, path)
     before = path.read_bytes()
     limits = resource.getrlimit(resource.RLIMIT_FSIZE)
     previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing us
     resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, limits[1]))  # the disk is full after 100 kB
     try:
         with pytest.raises(UserError, match="cannot write the checkpoint .*the previous file is unchanged"):
-            utils.save_checkpoint({"weights": torch.zeros(1_000_000)}, path)
+            save_checkpoint({"weights": torch.zeros(1_000_000)}, path)
         with pytest.raises(UserError, match="cannot write the feature cache .*--no-feature-cache"):
             dataset.FeatureCache(tmp_path / "cache", "setup", 50_000).save("image", torch.zeros(50_000))
     finally:
@@ -127,7 +129,7 @@ def test_a_full_disk_fails_clearly_and_keeps_the_previous_checkpoint(tmp_path):
 
 
 def test_an_unwritable_out_folder_is_refused_before_training(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "build_model", lambda *a: pytest.fail("trained before checking --out"))
+    monkeypatch.setattr(backbones, "build_model", lambda *a: pytest.fail("trained before checking --out"))
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     with pytest.raises(UserError, match="cannot write the checkpoint in .*choose another --out"):
@@ -136,12 +138,12 @@ def test_an_unwritable_out_folder_is_refused_before_training(tmp_path, monkeypat
 
 def test_out_in_a_new_folder_is_made(tmp_path):
     out = tmp_path / "runs" / "today" / "m.pt"
-    train.check_writable(out)
+    check_writable(out)
     assert out.parent.is_dir() and list(out.parent.iterdir()) == []  # the probe file is gone
 
 
 def test_a_saved_checkpoint_has_the_permissions_of_a_normally_written_file(tmp_path):
-    utils.save_checkpoint({"x": torch.zeros(1)}, tmp_path / "m.pt")
+    save_checkpoint({"x": torch.zeros(1)}, tmp_path / "m.pt")
     (tmp_path / "plain").write_bytes(b"")
     assert (tmp_path / "m.pt").stat().st_mode == (tmp_path / "plain").stat().st_mode  # not mkstemp's 0600
 
@@ -151,7 +153,7 @@ def test_a_resumed_runs_log_drops_the_steps_it_trains_again(tmp_path):
     import json
     path = tmp_path / "m.metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "train_loss": 1.0}) + "\n" for s in range(1, 7)) + '{"step": 7, "tr')
-    log = utils.MetricsLog(path, resume_step=4)
+    log = MetricsLog(path, resume_step=4)
     log.write(5, train_loss=0.5)
     log.close()
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4, 5]
@@ -161,11 +163,11 @@ def test_a_new_run_replaces_the_previous_log_only_when_it_replaces_the_checkpoin
     import json
     path = tmp_path / "m.metrics.jsonl"
     path.write_text('{"step": 1, "train_loss": 9.0}\n')
-    failed = utils.MetricsLog(path)  # a new run that dies before its first save
+    failed = MetricsLog(path)  # a new run that dies before its first save
     failed.write(1, train_loss=1.0)
     failed.close()
     assert path.read_text() == '{"step": 1, "train_loss": 9.0}\n'
-    saved = utils.MetricsLog(path)
+    saved = MetricsLog(path)
     saved.write(1, train_loss=2.0)
     saved.saved()
     saved.write(2, train_loss=1.5)  # still written after the rename

@@ -4,8 +4,9 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config
 
-import utils
 from model import StoryConfig, StoryModel
+from backbones import tokenizer_to_json, train_tokenizer
+from checkpoint import CHECKPOINT_FORMAT, load_checkpoint, load_model, save_checkpoint, stored_state
 
 EOS_ID = 49
 
@@ -87,16 +88,16 @@ def test_checkpoint_round_trip_gives_the_same_logits(tmp_path, variant):
     model = StoryModel(config).eval()
     if config.lora:  # LoRA's B starts at zero; make the adapters count
         torch.nn.init.normal_(model.decoder.base_model.model.transformer.h[0].attn.c_attn.lora_B.default.weight)
-    tokenizer = utils.train_tokenizer(["a red house on a hill", "a boat at sea"], vocab_size=60)
+    tokenizer = train_tokenizer(["a red house on a hill", "a boat at sea"], vocab_size=60)
     sources = {"encoder": None, "decoder": None}
-    ckpt = {"format": utils.CHECKPOINT_FORMAT, "config": config.to_dict(), "sources": sources,
-            "model": utils.stored_state(model, sources), "tokenizer": utils.tokenizer_to_json(tokenizer),
+    ckpt = {"format": CHECKPOINT_FORMAT, "config": config.to_dict(), "sources": sources,
+            "model": stored_state(model, sources), "tokenizer": tokenizer_to_json(tokenizer),
             "eos_token": tokenizer.eos_token}
     path = tmp_path / "m.pt"
-    utils.save_checkpoint(ckpt, path)
+    save_checkpoint(ckpt, path)
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temporary file left behind
 
-    loaded, loaded_tok = utils.load_model(utils.load_checkpoint(path))
+    loaded, loaded_tok = load_model(load_checkpoint(path))
     loaded.eval()
     images = torch.randn(2, 3, 32, 32)
     ids, mask = torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.ones(2, 3, dtype=torch.long)

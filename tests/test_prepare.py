@@ -6,7 +6,7 @@ import pytest
 
 import prepare
 from dataset import parse_stories
-from utils import DataError, UserError, run_cli
+from cli import DataError, UserError, run_cli
 
 
 def convert(*argv):

@@ -5,13 +5,14 @@ import torch
 import torchvision
 from transformers import GPT2Config, GPT2LMHeadModel
 
-import utils
-from conftest import DATA, run_script, write_stories
+from conftest import DATA, run_main, run_script, write_stories
+from backbones import load_tokenizer, train_tokenizer
+from cli import UserError
 
 
 def test_train_and_generate_from_local_gpt2_and_resnet50_files(tmp_path):
     stories = [line for line in (DATA / "stories.txt").read_text().splitlines() if not line.startswith("#")][:4]
-    tokenizer = utils.train_tokenizer([s.split("\t")[1] for s in stories], vocab_size=300)
+    tokenizer = train_tokenizer([s.split("\t")[1] for s in stories], vocab_size=300)
     gpt2_dir = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=64, vocab_size=len(tokenizer))).save_pretrained(gpt2_dir)
     tokenizer.pad_token = None  # as GPT-2's own tokenizer: end-of-text but no pad token
@@ -20,9 +21,9 @@ def test_train_and_generate_from_local_gpt2_and_resnet50_files(tmp_path):
     torch.save(torchvision.models.resnet50(weights=None).state_dict(), resnet)
 
     out = tmp_path / "m.pt"
-    result = run_script("train.py", "--gpt2", gpt2_dir, "--encoder-weights", resnet, "--freeze-gpt2",
-                        "--stories", write_stories(tmp_path / "s.txt", stories), "--images", DATA / "images",
-                        "--epochs", "1", "--batch-size", "2", "--out", out, "--val-split", "0")
+    result = run_main("train.py", "--gpt2", gpt2_dir, "--encoder-weights", resnet, "--freeze-gpt2",
+                      "--stories", write_stories(tmp_path / "s.txt", stories), "--images", DATA / "images",
+                      "--epochs", "1", "--batch-size", "2", "--out", out, "--val-split", "0")
     assert result.returncode == 0, result.stderr
     ckpt = torch.load(out, weights_only=True)
     # Frozen pretrained parts are reloaded from where they came from, not copied into the checkpoint.
@@ -30,8 +31,8 @@ def test_train_and_generate_from_local_gpt2_and_resnet50_files(tmp_path):
     assert {k.split(".")[0] for k in ckpt["model"]} == {"mapper"}
     assert ckpt["config"]["image_size"] == 224 and ckpt["config"]["encoder"] == "resnet50"
 
-    result = run_script("generate.py", DATA / "images" / "day_grass_house.jpg", "--checkpoint", out,
-                        "--strategy", "greedy", "--max-new-tokens", "5")
+    result = run_main("generate.py", DATA / "images" / "day_grass_house.jpg", "--checkpoint", out,
+                      "--strategy", "greedy", "--max-new-tokens", "5")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Generated Story:\n")
 
@@ -59,8 +60,8 @@ def test_an_unreachable_hub_stops_at_once_without_retries(tmp_path):
 
 def test_a_gpt2_folder_without_tokenizer_files_is_named(tmp_path):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=100)).save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(utils.UserError, match=r"gpt2: no tokenizer saved there .*--decoder DIR"):
-        utils.load_tokenizer(str(tmp_path / "gpt2"))
+    with pytest.raises(UserError, match=r"gpt2: no tokenizer saved there .*--decoder DIR"):
+        load_tokenizer(str(tmp_path / "gpt2"))
 
 
 def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused_before_training(tmp_path):
@@ -68,8 +69,8 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused_before_trainin
     stories = [line for line in (DATA / "stories.txt").read_text().splitlines() if not line.startswith("#")][:2]
     gpt2_dir = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=100)).save_pretrained(gpt2_dir)
-    utils.train_tokenizer([s.split("\t")[1] for s in stories], vocab_size=300).save_pretrained(gpt2_dir)
-    with pytest.raises(utils.UserError, match=r"gpt2: its tokenizer has \d+ tokens, more than the model's 100"):
+    train_tokenizer([s.split("\t")[1] for s in stories], vocab_size=300).save_pretrained(gpt2_dir)
+    with pytest.raises(UserError, match=r"gpt2: its tokenizer has \d+ tokens, more than the model's 100"):
         train.main(["--gpt2", str(gpt2_dir), "--stories", str(write_stories(tmp_path / "s.txt", stories)),
                     "--images", str(DATA / "images"), "--out", str(tmp_path / "m.pt")])
     assert not (tmp_path / "m.pt").exists()

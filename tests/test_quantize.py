@@ -13,7 +13,7 @@ import app
 import evaluate
 import generate
 import quantize
-from conftest import DATA, run_script
+from conftest import DATA, run_main
 from test_cli import THINGS
 from test_evaluate import sample_stories
 
@@ -86,8 +86,8 @@ def test_every_strategy_runs_with_int8(tiny_checkpoint, capsys):
 def test_int8_stories_still_follow_the_picture(tiny_checkpoint):
     """As test_cli's test of the float32 model: greedy int8 stories name what each drawn scene shows."""
     images = sorted(p for p in (DATA / "images").glob("*.jpg") if any(t in p.stem for t in THINGS))
-    result = run_script("generate.py", *images, "--checkpoint", tiny_checkpoint, "--strategy", "greedy", "--json",
-                        "--quantize", "int8", "--device", "cpu")
+    result = run_main("generate.py", *images, "--checkpoint", tiny_checkpoint, "--strategy", "greedy", "--json",
+                      "--quantize", "int8", "--device", "cpu")
     assert result.returncode == 0 and result.stderr == "", result.stderr
     stories = {r["image"]: r["story"] for r in map(json.loads, result.stdout.splitlines())}
     right = sum(THINGS[[t in p for t in THINGS].index(True)] in stories[p] for p in stories)
@@ -96,7 +96,7 @@ def test_int8_stories_still_follow_the_picture(tiny_checkpoint):
 
 def test_app_and_evaluate_take_int8_too(tiny_checkpoint, tmp_path, capsys):
     image = DATA / "images" / "night_sea_boat.jpg"
-    [story] = app.Storyteller(tiny_checkpoint, "cpu", quantize_method="int8").stories(Image.open(image).convert("RGB"), strategy="greedy")
+    [story] = app.WebStoryteller(tiny_checkpoint, "cpu", quantize_method="int8").stories(Image.open(image).convert("RGB"), strategy="greedy")
     generate.main([str(image), "--checkpoint", str(tiny_checkpoint), "--strategy", "greedy", "--json", "--device", "cpu",
                    "--quantize", "int8"])
     assert story == json.loads(capsys.readouterr().out)["story"]  # the page and the script decode alike
@@ -112,8 +112,8 @@ def test_app_and_evaluate_take_int8_too(tiny_checkpoint, tmp_path, capsys):
 
 
 def test_where_int8_cannot_work_it_says_so(tiny_checkpoint):
-    result = run_script("generate.py", DATA / "images" / "photo_cat.jpg", "--checkpoint", tiny_checkpoint,
-                        "--quantize", "int8", "--dtype", "bfloat16", "--device", "cpu")
+    result = run_main("generate.py", DATA / "images" / "photo_cat.jpg", "--checkpoint", tiny_checkpoint,
+                      "--quantize", "int8", "--dtype", "bfloat16", "--device", "cpu")
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.splitlines() == ["error: --quantize int8 makes int8 weights from float32 ones, and the "
                                           "model is bfloat16; leave out --dtype"]

@@ -10,8 +10,9 @@ from transformers import GPT2Config
 import dataset
 import generate
 import train
-from conftest import DATA, run_script, write_stories
+from conftest import DATA, run_main, run_script, write_stories
 from model import StoryConfig, StoryModel
+from training import forward_backward
 
 STORIES = [line for line in (DATA / "stories.txt").read_text().splitlines() if not line.startswith("#")]
 
@@ -91,7 +92,7 @@ def test_grad_accum_gives_the_gradient_of_one_big_batch():
 
     def gradient(micro_batches):
         model.zero_grad()
-        loss = train.forward_backward(model, micro_batches, torch.device("cpu"), amp, scaler)
+        loss = forward_backward(model, micro_batches, torch.device("cpu"), amp, scaler)
         return loss, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
     loss_one, grad_one = gradient([collate(items)])
@@ -143,7 +144,7 @@ def test_generate_takes_folders_and_lists_of_image_names(tiny_checkpoint, tmp_pa
     assert len(capsys.readouterr().out.splitlines()) == 3
 
     bad = write_stories(tmp_path / "bad.txt", ["../outside.jpg"])
-    result = run_script("generate.py", bad, "--checkpoint", tiny_checkpoint)
+    result = run_main("generate.py", bad, "--checkpoint", tiny_checkpoint)
     assert result.returncode == 2 and f"{bad}:1:" in result.stderr and "Traceback" not in result.stderr
 
 

@@ -5,7 +5,7 @@ import torch
 
 import prepare
 from dataset import parse_stories
-from utils import UserError
+from cli import UserError
 
 CAPTIONS = ["A brown dog runs on the beach.", "Two cats sleep on a red sofa.", "A man rides a bicycle in the rain.",
             "A bowl of soup on a wooden table.", "Boats in a harbour at sunset."]

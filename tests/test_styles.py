@@ -7,8 +7,10 @@ import torch
 import dataset
 import generate
 import train
-import utils
 from shapes import STYLES, make_shapes
+from checkpoint import load_checkpoint, load_model
+from cli import run_cli
+from storyteller import story_room
 
 FIRST_WORDS = {None: "A", "grand": "Behold,", "noir": "The"}  # how each style's stories begin
 
@@ -28,7 +30,7 @@ def styled(tmp_path_factory):
 def run_generate(argv, capsys):
     """generate.py's main as the command line runs it: (exit code, stdout, stderr)."""
     with pytest.raises(SystemExit) as code:
-        utils.run_cli(lambda: generate.main(argv))
+        run_cli(lambda: generate.main(argv))
     out, err = capsys.readouterr()
     return code.value.code, out, err
 
@@ -48,7 +50,7 @@ def test_generation_follows_the_asked_style_on_unseen_images(styled, capsys):
 def test_the_web_app_offers_the_styles_and_follows_them(styled):
     import app  # here: gradio takes seconds to import
     checkpoint, images = styled
-    teller = app.Storyteller(checkpoint, device="cpu")
+    teller = app.WebStoryteller(checkpoint, device="cpu")
     assert teller.styles == sorted(STYLES)
     image = dataset.load_image(images[0])
     for style, first in FIRST_WORDS.items():
@@ -81,9 +83,9 @@ def test_evaluate_scores_a_model_with_styles(styled, tmp_path):
     result = json.loads(report.read_text())
     assert any("styles grand, noir" in note for note in result["notes"])
 
-    model, tokenizer = utils.load_model(utils.load_checkpoint(checkpoint))
+    model, tokenizer = load_model(load_checkpoint(checkpoint))
     data = dataset.StoryDataset(dataset.read_examples(stories, images_dir), images_dir, tokenizer,
-                                dataset.image_transform(model.config), generate.story_room(model),
+                                dataset.image_transform(model.config), story_room(model),
                                 style_id=model.config.style_id)
     with torch.no_grad():
         loss = model.eval()(**dataset.collate([data[i] for i in range(len(data))], tokenizer.pad_token_id)).loss

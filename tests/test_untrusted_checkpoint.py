@@ -1,13 +1,14 @@
 """A checkpoint is data from anywhere: one whose config would build an absurd model is refused with
 one line before anything is built, by every script that loads one (they all go through
-utils.load_model, which calls utils.check_config_sane first)."""
+load_model, which calls check_config_sane first)."""
 import time
 
 import pytest
 import torch
 
-import utils
-from conftest import DATA, run_script
+from conftest import DATA, run_main
+from checkpoint import check_config_sane, load_checkpoint, load_model
+from cli import UserError
 
 GOOD = DATA / "images" / "day_grass_house.jpg"
 
@@ -57,8 +58,8 @@ def path_of(crafted, name):
 def test_load_model_refuses_before_building(name, changes, expected, crafted):
     path = path_of(crafted, name)
     start = time.perf_counter()
-    with pytest.raises(utils.UserError) as err:
-        utils.load_model(utils.load_checkpoint(path), where=str(path))
+    with pytest.raises(UserError) as err:
+        load_model(load_checkpoint(path), where=str(path))
     # Building any of these would take minutes and gigabytes (or never finish): refused at once.
     assert time.perf_counter() - start < 2
     assert str(err.value).startswith(f"{path}: refused: {expected}")
@@ -67,9 +68,9 @@ def test_load_model_refuses_before_building(name, changes, expected, crafted):
 
 
 def test_generate_py_exits_2_with_one_line(crafted):
-    name = "a billion layers"  # the other cases go through the same utils.load_model, tested above
+    name = "a billion layers"  # the other cases go through the same load_model, tested above
     path = path_of(crafted, name)
-    done = run_script("generate.py", GOOD, "--checkpoint", path, "--device", "cpu", timeout=120)
+    done = run_main("generate.py", GOOD, "--checkpoint", path, "--device", "cpu")
     # (torch may log warnings of its own while importing; the refusal is the one error line)
     [line] = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert done.returncode == 2 and done.stdout == "" and "Traceback" not in done.stderr
@@ -79,8 +80,8 @@ def test_generate_py_exits_2_with_one_line(crafted):
 def test_train_py_resume_exits_2_with_one_line(crafted, tmp_path):
     path = path_of(crafted, "billions of parameters")
     out = tmp_path / "resumed.pt"
-    done = run_script("train.py", "--preset", "tiny", "--images", DATA / "images", "--stories", DATA / "stories.txt",
-                      "--device", "cpu", "--resume", path, "--out", out, timeout=120)
+    done = run_main("train.py", "--preset", "tiny", "--images", DATA / "images", "--stories", DATA / "stories.txt",
+                    "--device", "cpu", "--resume", path, "--out", out, timeout=120)
     errors = done.stderr.splitlines()
     assert done.returncode == 2 and [line for line in errors if line.startswith("error:")] == errors[-1:]
     assert errors[-1].startswith(f"error: {path}: refused: its config builds about 1,074 billion parameters")
@@ -91,9 +92,9 @@ def test_every_preset_passes(tiny_checkpoint):
     """The models this repo does build stay well inside the limits, GPT-2 XL and a Llama 3 8B included."""
     from transformers import GPT2Config, LlamaConfig
     config = torch.load(tiny_checkpoint, weights_only=True)["config"]
-    utils.check_config_sane(config)
+    check_config_sane(config)
     xl = GPT2Config(n_layer=48, n_embd=1600, n_head=25).to_dict()
-    utils.check_config_sane({**config, "decoder": xl, "mapper": "transformer", "prefix_length": 40})
+    check_config_sane({**config, "decoder": xl, "mapper": "transformer", "prefix_length": 40})
     llama = LlamaConfig(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, vocab_size=128256,
                         max_position_embeddings=131072, num_attention_heads=32, num_key_value_heads=8).to_dict()
-    utils.check_config_sane({**config, "decoder": llama})
+    check_config_sane({**config, "decoder": llama})

@@ -12,7 +12,7 @@ import torch
 import prepare
 import weights
 from conftest import run_script
-from utils import UserError
+from cli import UserError
 
 TEXT = "A small cat sat on a warm mat. The sun was low and the sea was calm."
 CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -1,0 +1,192 @@
+"""The one way stories are written: a checkpoint loaded once, images encoded, stories decoded with
+transformers' generate and formatted. generate.py, app.py and evaluate.py use it; so can you:
+
+    from storyteller import Storyteller
+    teller = Storyteller("vlm_model.pt")
+    print(teller.tell("data/images/photo_rocket.jpg"))
+"""
+import json
+import warnings
+
+import torch
+from PIL import Image
+from transformers import GenerationConfig
+
+import dataset
+from checkpoint import load_checkpoint, load_model
+from cli import DTYPES, UserError, non_negative_int, pick_device, positive_float, positive_int, top_p_value
+from model import decoder_sizes
+from quantize import METHODS as QUANTIZE_METHODS, quantize_decoder
+
+# The prefix is embeddings, not tokens, so n-gram blocking and the repetition penalty can only look
+# at the story itself: as intended.
+warnings.filterwarnings("ignore", message="Passing `(no_repeat_ngram_size|repetition_penalty)` with `inputs_embeds`")
+
+# A story wants some surprise but stays on topic: top-k sampling, a little cooler than 1.
+DEFAULTS = dict(strategy="sample", top_k=50, top_p=1.0, temperature=0.8, num_beams=4,
+                repetition_penalty=1.0, no_repeat_ngram_size=3, max_new_tokens=80, num_stories=1)
+STRATEGIES = ["sample", "beam", "greedy"]
+
+
+# ----------------------------------------------------------------------------- the command line's decoding flags
+
+def add_decoding_args(p):
+    """The decoding flags of generate.py and evaluate.py, so both decode the same way."""
+    p.add_argument("--strategy", choices=STRATEGIES, default=DEFAULTS["strategy"],
+                   help="greedy: most likely words; sample: top-k/top-p sampling; beam: beam search (default: %(default)s)")
+    p.add_argument("--top-k", type=non_negative_int, default=DEFAULTS["top_k"], help="sample from the k most likely tokens; 0 = all (default: %(default)s)")
+    p.add_argument("--top-p", type=top_p_value, default=DEFAULTS["top_p"], help="nucleus sampling mass in (0, 1] (default: %(default)s)")
+    p.add_argument("--temperature", type=positive_float, default=DEFAULTS["temperature"], help="sampling temperature (default: %(default)s)")
+    p.add_argument("--num-beams", type=positive_int, default=DEFAULTS["num_beams"], help="beams for --strategy beam (default: %(default)s)")
+    p.add_argument("--repetition-penalty", type=positive_float, default=DEFAULTS["repetition_penalty"],
+                   help="above 1 discourages repeating tokens (default: %(default)s)")
+    p.add_argument("--no-repeat-ngram-size", type=non_negative_int, default=DEFAULTS["no_repeat_ngram_size"],
+                   help="never repeat an n-gram of this size; 0 = off (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=DEFAULTS["max_new_tokens"], help="story length limit in tokens (default: %(default)s)")
+    p.add_argument("--num-stories", type=positive_int, default=DEFAULTS["num_stories"], help="stories per image, with sample or beam (default: %(default)s)")
+    p.add_argument("--seed", type=int, help="random seed: the same seed gives the same stories")
+
+
+def add_quantize_arg(p):
+    """--quantize, shared by generate.py, app.py and evaluate.py."""
+    p.add_argument("--quantize", choices=["none", *QUANTIZE_METHODS], default="none",
+                   help="int8: the decoder's weights become int8 when the model loads: 1.6-1.8x the tokens/s of "
+                        "float32 on docs/performance.md's CPU, CPU only; fine for GPT-2-style models, but it raised a real "
+                        "SmolLM2's loss 2.4x: check yours with bench.py --only 5 --checkpoint (default: %(default)s)")
+
+
+def check_decoding_args(p, args):
+    if args.strategy == "greedy" and args.num_stories > 1:
+        p.error("--num-stories above 1 needs --strategy sample or beam (greedy gives one story)")
+
+
+def decoding(args) -> dict:
+    """The decoding settings among a script's parsed arguments, as generation_config's keywords."""
+    return {key: getattr(args, key) for key in DEFAULTS}
+
+
+# ----------------------------------------------------------------------------- decoding
+
+def generation_config(tokenizer, max_new_tokens=DEFAULTS["max_new_tokens"], strategy=DEFAULTS["strategy"],
+                      top_k=DEFAULTS["top_k"], top_p=DEFAULTS["top_p"], temperature=DEFAULTS["temperature"],
+                      num_beams=DEFAULTS["num_beams"], repetition_penalty=DEFAULTS["repetition_penalty"],
+                      no_repeat_ngram_size=DEFAULTS["no_repeat_ngram_size"], num_stories=DEFAULTS["num_stories"]
+                      ) -> GenerationConfig:
+    """transformers' GenerationConfig for a strategy (greedy, sample or beam) and its settings."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    common = dict(max_new_tokens=max_new_tokens, num_return_sequences=num_stories,
+                  repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if strategy == "sample":
+        return GenerationConfig(do_sample=True, top_k=top_k, top_p=top_p, temperature=temperature, **common)
+    if strategy == "beam":
+        beams = max(num_beams, num_stories)
+        return GenerationConfig(do_sample=False, num_beams=beams, early_stopping=beams > 1, **common)
+    return GenerationConfig(do_sample=False, num_beams=1, **common)
+
+
+def story_room(model) -> int:
+    """Story tokens that fit in the decoder's context after the prefix: the most --max-new-tokens can give."""
+    return decoder_sizes(model.decoder.config)[2] - model.config.prefix_tokens
+
+
+def style_id(config, style: str | None) -> int:
+    """The id of the asked-for style; a UserError naming the known ones if the model has no such style."""
+    try:
+        return config.style_id(style)
+    except ValueError as err:
+        raise UserError(f"--style {style}: {err}") from None
+
+
+@torch.no_grad()
+def encode_images(model, images) -> torch.Tensor:
+    """Pooled encoder features (B, feature_dim) of RGB PIL images, on the model's device and dtype."""
+    transform = dataset.image_transform(model.config)
+    weight = next(model.encoder.parameters())
+    pixels = torch.stack([transform(image) for image in images]).to(weight.device, weight.dtype)
+    return model.encode(pixels.contiguous(memory_format=torch.channels_last))  # the CNN's fastest layout
+
+
+def stories_from_features(model, tokenizer, features, gen_config, style=None) -> list[list[str]]:
+    """gen_config.num_return_sequences stories for each row of features (B, feature_dim)."""
+    sid = style_id(model.config, style)
+    style_ids = torch.full((len(features),), sid, device=features.device) if model.config.styles else None
+    ids = model.generate(features=features, style_ids=style_ids, generation_config=gen_config)
+    texts = [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    n = gen_config.num_return_sequences
+    return [texts[i * n:(i + 1) * n] for i in range(len(features))]
+
+
+def format_stories(path, stories, as_json, several) -> str:
+    """generate.py's output for one image: "Generated Story:" and the story, or a JSON line per story."""
+    if as_json:
+        return "\n".join(json.dumps({"image": path, "story": story}, ensure_ascii=False) for story in stories)
+    lines = [f"== {path} =="] if several else []
+    for k, story in enumerate(stories, start=1):
+        lines += ["Generated Story:" if len(stories) == 1 else f"Generated Story {k}/{len(stories)}:", story, ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the library's front door
+
+class Storyteller:
+    """A checkpoint written by train.py, loaded once onto a device, ready to write stories.
+
+    device: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps; dtype: float32, bfloat16 or
+    float16 weights; quantize: "int8" for int8 decoder weights on the CPU (see generate.py --quantize).
+    decoder, encoder_weights, clip: where to reload frozen pretrained parts from, if not where
+    training took them. Raises cli.UserError, one line, for a checkpoint it cannot use."""
+
+    def __init__(self, checkpoint="vlm_model.pt", device="auto", dtype="float32", quantize="none",
+                 decoder=None, encoder_weights=None, clip=None):
+        self.device = pick_device(device)
+        self.model, self.tokenizer = load_model(load_checkpoint(checkpoint), decoder=decoder,
+                                                encoder_weights=encoder_weights, clip=clip, where=str(checkpoint))
+        self.model.to(self.device, DTYPES[dtype]).eval()
+        self.model.encoder.to(memory_format=torch.channels_last)
+        if quantize != "none":
+            self.model.decoder = quantize_decoder(self.model.decoder, quantize)
+        self.styles = list(self.model.config.styles or [])  # a model trained with a style column
+        self.room = story_room(self.model)  # the longest story the decoder's context has room for
+
+    def settings(self, **decoding) -> GenerationConfig:
+        """generation_config with DEFAULTS for what is not given, max_new_tokens capped by the room left."""
+        decoding = {**DEFAULTS, **decoding}
+        decoding["max_new_tokens"] = min(decoding["max_new_tokens"], self.room)
+        return generation_config(self.tokenizer, **decoding)
+
+    def check_style(self, style: str | None) -> None:
+        style_id(self.model.config, style)
+
+    def encode(self, images) -> torch.Tensor:
+        """(B, feature_dim) features of RGB PIL images."""
+        return encode_images(self.model, images)
+
+    def from_features(self, features, gen_config, style=None) -> list[list[str]]:
+        return stories_from_features(self.model, self.tokenizer, features, gen_config, style)
+
+    def stories(self, images, gen_config, style=None) -> list[list[str]]:
+        """gen_config.num_return_sequences stories for each RGB PIL image, decoded in one batch."""
+        return self.from_features(self.encode(images), gen_config, style) if images else []
+
+    def load_image(self, path):
+        """An image file as the model sees it: upright RGB, at least the model's input size."""
+        return dataset.load_image(path, self.model.config.resize_size)
+
+    def tell(self, images, style=None, batch_size=8, seed=None, **decoding):
+        """Stories about an image (a path or a PIL image) or a list of them. keywords: generate.py's
+        decoding flags (strategy="beam", temperature=1.0, max_new_tokens=60, num_stories=3, ...).
+        One image gives its story (a list of them with num_stories > 1); a list gives one such per image."""
+        single = not isinstance(images, (list, tuple))
+        images = [images] if single else list(images)
+        pictures = [im.convert("RGB") if isinstance(im, Image.Image) else self.load_image(im) for im in images]
+        gen_config = self.settings(**decoding)
+        self.check_style(style)
+        if seed is not None:
+            torch.manual_seed(seed)
+        told = []
+        for start in range(0, len(pictures), batch_size):
+            told += self.stories(pictures[start:start + batch_size], gen_config, style)
+        told = [stories[0] if gen_config.num_return_sequences == 1 else stories for stories in told]
+        return told[0] if single else told
