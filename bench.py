@@ -198,12 +198,12 @@ def decoding_rate(size, device, how, method=None):
         config.min_new_tokens = n
         run = partial(model.generate, features=features, generation_config=config)
     elif how == "transformers":  # plain transformers generate on the prefix, float32, nothing else
-        prefix = model.prefix(features)
+        prefix, _ = model.prefix(features)
         run = partial(model.decoder.generate, inputs_embeds=prefix, attention_mask=torch.ones(prefix.shape[:2], device=device),
                       max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     else:  # re-run the whole sequence for every new token, as the closest peer decodes
         def run():
-            embeds = model.prefix(features)
+            embeds, _ = model.prefix(features)
             for _ in range(n):
                 logits = model.decoder(inputs_embeds=embeds).logits[:, -1]  # (1, vocab)
                 token = logits.argmax(-1)

@@ -32,12 +32,20 @@ IMAGE_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
+ALBUM = "|"  # separates the images of an album in a stories line: day1.jpg|day2.jpg<TAB>story
+
+
 @dataclass(frozen=True)
 class Example:
-    image: str  # path relative to the images folder
+    image: str  # path relative to the images folder, or an album's paths joined by ALBUM
     story: str
     line: int  # line number in the stories file, for error messages
     style: str | None = None
+
+    @property
+    def images(self) -> tuple[str, ...]:
+        """The image names of the story, in order: one, or an album's."""
+        return tuple(self.image.split(ALBUM))
 
 
 def read_examples(stories_path, images_dir, min_side=None) -> list[Example]:
@@ -83,12 +91,10 @@ def parse_stories(path) -> tuple[list[Example], list[tuple[int, str]]]:
             problems.append((number, f"{where} expected image_name<TAB>story[<TAB>style], "
                                      f"found {len(fields)} tab-separated field(s)"))
             continue
-        image, story = fields[0], fields[1]
+        image, story = ALBUM.join(name.strip() for name in fields[0].split(ALBUM)), fields[1]
         style = fields[2] if len(fields) == 3 and fields[2] else None
-        if not image:
-            problems.append((number, f"{where} empty image name"))
-        elif (why := _unsafe_name(image)):
-            problems.append((number, f"{where} image name {image!r} {why}; give a path inside the images folder"))
+        if (why := name_problem(image)):
+            problems.append((number, f"{where} {why}"))
         elif not story:
             problems.append((number, f"{where} empty story for {image}"))
         else:
@@ -98,7 +104,7 @@ def parse_stories(path) -> tuple[list[Example], list[tuple[int, str]]]:
 
 def read_image_names(path) -> list[str]:
     """Image names from a list file: the first tab-separated field of each line (so a stories file
-    works too), blank lines and # comments skipped, each name once, in order."""
+    works too; an album's names stay joined by ALBUM), blank lines and # comments skipped, each once, in order."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: image list not found" if not path.exists() else f"{path}: not a file")
@@ -111,11 +117,9 @@ def read_image_names(path) -> list[str]:
             continue
         if not line.strip() or line.lstrip().startswith("#"):
             continue
-        name = line.split("\t")[0].strip()
-        if not name:
-            problems.append(f"{path}:{number}: empty image name")
-        elif (why := _unsafe_name(name)):
-            problems.append(f"{path}:{number}: image name {name!r} {why}; give a path inside the images folder")
+        name = ALBUM.join(n.strip() for n in line.split("\t")[0].split(ALBUM))
+        if (why := name_problem(name)):
+            problems.append(f"{path}:{number}: {why}")
         else:
             names.setdefault(name, None)
     if problems:
@@ -123,6 +127,17 @@ def read_image_names(path) -> list[str]:
     if not names:
         raise UserError(f"{path}: no image names found; put one image name at the start of each line")
     return list(names)
+
+
+def name_problem(field: str) -> str | None:
+    """What is wrong with the image field of a line (one name, or an album's joined by ALBUM), or None."""
+    names = field.split(ALBUM)
+    if not field or not all(n.strip() for n in names):
+        return "empty image name" + (f" in the album {field!r}" if len(names) > 1 else "")
+    for name in names:
+        if (why := _unsafe_name(name.strip())):
+            return f"image name {name!r} {why}; give a path inside the images folder"
+    return None
 
 
 def _unsafe_name(name: str) -> str | None:
@@ -222,7 +237,8 @@ def image_problems(examples: list[Example], images_dir, stories_path, min_side=N
         raise UserError(f"{images_dir}: {what}; pass --images DIR, the folder the image names are relative to")
     first_line = {}
     for ex in examples:
-        first_line.setdefault(ex.image, ex.line)
+        for name in ex.images:  # each image of an album on its own: a picture may be in several
+            first_line.setdefault(name, ex.line)
 
     def problem(name):
         path = images_dir / name
@@ -249,15 +265,17 @@ def split_by_image(examples: list[Example], fraction: float, seed: int):
 
 
 class StoryDataset(Dataset):
-    """(image, story token ids ending with EOS) pairs, and each story's style id when style_id
-    (StoryConfig.style_id of a model trained with styles) is given. The image is a preprocessed
-    tensor, or its pooled encoder features when a features dict {image name: (feature_dim,) tensor}
-    is given."""
+    """(image, story token ids ending with EOS) pairs, each story's style id when style_id
+    (StoryConfig.style_id of a model trained with styles) is given, and its length bucket when
+    length_bucket (StoryConfig.length_bucket) is. The image is a preprocessed tensor, or its pooled
+    encoder features when a features dict {image name: (feature_dim,) tensor} is given; with
+    album=True (a model of several album slots) every story has a stack of them, one per image."""
 
     def __init__(self, examples, images_dir, tokenizer, transform, max_tokens: int, min_side=None, style_id=None,
-                 features=None):
+                 features=None, album=False, length_bucket=None):
         self.examples = examples
         self.features = features
+        self.album = album
         self.style_ids = [style_id(ex.style) for ex in examples] if style_id else None
         self.images_dir = Path(images_dir)
         self.transform = transform
@@ -267,18 +285,23 @@ class StoryDataset(Dataset):
         ids = tokenizer([ex.story for ex in examples], add_special_tokens=False, verbose=False)["input_ids"]
         self.truncated = [ex.line for ex, x in zip(examples, ids) if len(x) + 1 > max_tokens]  # line numbers
         self.tokens = [torch.tensor(x[: max_tokens - 1] + [eos]) for x in ids]
+        self.length_ids = [length_bucket(len(x)) for x in ids] if length_bucket else None
 
     def __len__(self):
         return len(self.examples)
 
     def __getitem__(self, i):
-        name = self.examples[i].image
         if self.features is not None:
-            item = {"features": self.features[name], "input_ids": self.tokens[i]}
+            pictures = [self.features[name] for name in self.examples[i].images]
+            key = "features"
         else:
-            item = {"image": self.transform(load_image(self.images_dir / name, self.min_side)), "input_ids": self.tokens[i]}
+            pictures = [self.transform(load_image(self.images_dir / name, self.min_side)) for name in self.examples[i].images]
+            key = "image"
+        item = {key: torch.stack(pictures) if self.album else pictures[0], "input_ids": self.tokens[i]}
         if self.style_ids is not None:
             item["style_id"] = self.style_ids[i]
+        if self.length_ids is not None:
+            item["length_id"] = self.length_ids[i]
         return item
 
 
@@ -296,21 +319,33 @@ class ImageDataset(Dataset):
 
 
 def collate(batch, pad_id: int):
-    """Stacks images (or features) and right-pads stories; the mask, not the pad id, marks padding."""
+    """Stacks images (or features) and right-pads stories; the mask, not the pad id, marks padding.
+    Albums of different lengths are padded at the end to the longest, album_mask marking the real images."""
     lengths = [len(item["input_ids"]) for item in batch]
     input_ids = torch.full((len(batch), max(lengths)), pad_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
     for row, item in enumerate(batch):
         input_ids[row, : lengths[row]] = item["input_ids"]
         attention_mask[row, : lengths[row]] = 1
-    if "features" in batch[0]:
-        out = {"features": torch.stack([item["features"] for item in batch])}
-    else:
-        out = {"images": torch.stack([item["image"] for item in batch])}
+    key, name = ("features", "features") if "features" in batch[0] else ("image", "images")
+    out = pad_albums([item[key] for item in batch], name) if batch[0][key].dim() in (2, 4) else \
+        {name: torch.stack([item[key] for item in batch])}
     out.update(input_ids=input_ids, attention_mask=attention_mask)
     if "style_id" in batch[0]:
         out["style_ids"] = torch.tensor([item["style_id"] for item in batch])
+    if "length_id" in batch[0]:
+        out["length_ids"] = torch.tensor([item["length_id"] for item in batch])
     return out
+
+
+def pad_albums(albums: list[torch.Tensor], name="features") -> dict:
+    """Albums of (images, ...) tensors -> {name: (B, S, ...) zero-padded to the longest, "album_mask": (B, S)}."""
+    S = max(len(album) for album in albums)
+    stacked = albums[0].new_zeros(len(albums), S, *albums[0].shape[1:])
+    mask = torch.zeros(len(albums), S, dtype=torch.bool)
+    for row, album in enumerate(albums):
+        stacked[row, :len(album)], mask[row, :len(album)] = album, True
+    return {name: stacked, "album_mask": mask}
 
 
 # ----------------------------------------------------------------------------- feature cache

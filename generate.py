@@ -5,6 +5,8 @@
     python generate.py photo.jpg --style noir    # a model trained with styles
     python generate.py photos/ --json > stories.jsonl            # every image in a folder, with a progress bar
     python generate.py data/stories.txt --images data/images     # the images a list or stories file names
+    python generate.py --album day1.jpg day2.jpg day3.jpg        # one story told across the photos, in order
+    python generate.py photo.jpg --length short                  # a model trained with --length-control
 """
 import argparse
 import sys
@@ -22,14 +24,19 @@ from storyteller import (Storyteller, add_decoding_args, add_quantize_arg, check
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", metavar="IMAGE",
-                   help="image files, folders of images, or .txt/.tsv lists whose lines start with an image name")
+                   help="image files, folders of images, or .txt/.tsv lists whose lines start with an image name "
+                        "(or an album's names joined by |, which gets one story)")
+    p.add_argument("--album", action="store_true",
+                   help="one story about all the images, in the order given (folders and lists expanded in order), "
+                        "for a model trained on albums")
     p.add_argument("--images", dest="images_dir", metavar="DIR",
                    help="folder the names in a list are relative to (default: the list's own folder)")
     p.add_argument("--checkpoint", default="vlm_model.pt", help="checkpoint written by train.py (default: %(default)s)")
     add_decoding_args(p)
     p.add_argument("--batch-size", type=positive_int, default=8, help="images encoded and decoded together (default: %(default)s)")
     p.add_argument("--style", help="style of the stories, for a model trained with a style column (default: no style)")
-    p.add_argument("--json", action="store_true", help='print one JSON object per story: {"image": ..., "story": ...}')
+    p.add_argument("--json", action="store_true",
+                   help='print one JSON object per story: {"image": ..., "story": ...}, or {"images": [...], ...} for an album')
     p.add_argument("--dtype", choices=list(DTYPES), default="float32",
                    help="precision of the weights while generating: bfloat16 halves the memory and is faster on "
                         "GPUs and on CPUs with AMX or AVX512-BF16 (default: %(default)s)")
@@ -47,8 +54,9 @@ def parse_args(argv=None):
     return args
 
 
-def image_paths(args) -> list[str]:
-    """The command line's images, with folders and lists expanded in order."""
+def image_paths(args) -> list:
+    """The command line's images, with folders and lists expanded in order: a path for each image,
+    a list of paths for each album (a list's line naming several images, or all of them with --album)."""
     paths = []
     for arg in args.images:
         path = Path(arg)
@@ -60,39 +68,50 @@ def image_paths(args) -> list[str]:
             paths += found
         elif path.suffix.lower() in (".txt", ".tsv"):
             folder = Path(args.images_dir) if args.images_dir else path.parent
-            paths += [str(folder / name) for name in dataset.read_image_names(path)]
+            for field in dataset.read_image_names(path):
+                album = [str(folder / name) for name in field.split(dataset.ALBUM)]
+                paths.append(album if len(album) > 1 else album[0])
         else:
             paths.append(arg)
+    if args.album:
+        return [[p for item in paths for p in (item if isinstance(item, list) else [item])]]
     return paths
 
 
 def main(argv=None):
     args = parse_args(argv)
     dataset.set_max_image_pixels(args.max_image_pixels)
-    paths = image_paths(args)
+    items = image_paths(args)
     teller = Storyteller(args.checkpoint, args.device, args.dtype, args.quantize, decoder=args.decoder,
                          encoder_weights=args.encoder_weights, clip=args.clip)
-    teller.check_style(args.style)  # refuse an unknown style before reading any image
+    teller.check_style(args.style, args.length)  # refuse an unknown style or length before reading any image
+    for item in items:
+        if isinstance(item, list):
+            teller.check_album(len(item), "--album" if args.album else f"the album {'|'.join(item)[:80]}")
     gen_config = teller.settings(**decoding(args))
     if args.seed is not None:
         torch.manual_seed(args.seed)
 
-    # Images are read a batch at a time, so a folder of any size fits in memory.
+    # Images are read a batch at a time, so a folder of any size fits in memory; an album is one item.
     failed = 0
-    bar = tqdm(total=len(paths), unit="image", file=sys.stderr, disable=True if len(paths) <= args.batch_size else None)
-    for start in range(0, len(paths), args.batch_size):
-        chunk, images = [], []
-        for path in paths[start:start + args.batch_size]:
+    bar = tqdm(total=len(items), unit="image", file=sys.stderr, disable=True if len(items) <= args.batch_size else None)
+    for start in range(0, len(items), args.batch_size):
+        done, pictures = [], []
+        for item in items[start:start + args.batch_size]:
+            loaded = []
             try:
-                images.append(teller.load_image(path))
-                chunk.append(path)
+                for path in item if isinstance(item, list) else [item]:
+                    loaded.append(teller.load_image(path))
             except Exception as err:  # every unreadable file is named; the others still get stories
                 tqdm.write(f"error: {dataset.describe_image_error(path, err)}", file=sys.stderr)
                 failed += 1
-        for path, stories in zip(chunk, teller.stories(images, gen_config, args.style)):
-            tqdm.write(format_stories(path, stories, args.json, several=len(paths) > 1), file=sys.stdout)
+                continue
+            done.append(item)
+            pictures.append(loaded if isinstance(item, list) else loaded[0])
+        for item, stories in zip(done, teller.stories(pictures, gen_config, args.style, args.length)):
+            tqdm.write(format_stories(item, stories, args.json, several=len(items) > 1), file=sys.stdout)
         sys.stdout.flush()
-        bar.update(len(paths[start:start + args.batch_size]))
+        bar.update(len(items[start:start + args.batch_size]))
     bar.close()
     return 2 if failed else 0
 

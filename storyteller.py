@@ -15,7 +15,7 @@ from transformers import GenerationConfig
 import dataset
 from checkpoint import load_checkpoint, load_model
 from cli import DTYPES, UserError, non_negative_int, pick_device, positive_float, positive_int, top_p_value
-from model import decoder_sizes
+from model import LENGTHS, decoder_sizes
 from quantize import METHODS as QUANTIZE_METHODS, quantize_decoder
 
 # The prefix is embeddings, not tokens, so n-gram blocking and the repetition penalty can only look
@@ -45,6 +45,9 @@ def add_decoding_args(p):
     p.add_argument("--max-new-tokens", type=positive_int, default=DEFAULTS["max_new_tokens"], help="story length limit in tokens (default: %(default)s)")
     p.add_argument("--num-stories", type=positive_int, default=DEFAULTS["num_stories"], help="stories per image, with sample or beam (default: %(default)s)")
     p.add_argument("--seed", type=int, help="random seed: the same seed gives the same stories")
+    p.add_argument("--length", choices=LENGTHS,
+                   help="story length, for a model trained with --length-control (default: medium); "
+                        "--max-new-tokens stays the hard limit")
 
 
 def add_quantize_arg(p):
@@ -99,6 +102,14 @@ def style_id(config, style: str | None) -> int:
         raise UserError(f"--style {style}: {err}") from None
 
 
+def length_id(config, length: str | None) -> int:
+    """The id of the asked-for length; a UserError if the model was trained without length control."""
+    try:
+        return config.length_id(length)
+    except ValueError as err:
+        raise UserError(f"--length {length}: {err}") from None
+
+
 @torch.no_grad()
 def encode_images(model, images) -> torch.Tensor:
     """Pooled encoder features (B, feature_dim) of RGB PIL images, on the model's device and dtype."""
@@ -108,21 +119,40 @@ def encode_images(model, images) -> torch.Tensor:
     return model.encode(pixels.contiguous(memory_format=torch.channels_last))  # the CNN's fastest layout
 
 
-def stories_from_features(model, tokenizer, features, gen_config, style=None) -> list[list[str]]:
-    """gen_config.num_return_sequences stories for each row of features (B, feature_dim)."""
-    sid = style_id(model.config, style)
-    style_ids = torch.full((len(features),), sid, device=features.device) if model.config.styles else None
-    ids = model.generate(features=features, style_ids=style_ids, generation_config=gen_config)
+@torch.no_grad()
+def encode_albums(model, albums) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Features of albums (lists of RGB PIL images): (B, S, feature_dim) padded to the longest with
+    its album mask (B, S), each image encoded once; for a single-image model (B, feature_dim) and None."""
+    flat = encode_images(model, [image for album in albums for image in album])  # (images, feature_dim)
+    if model.config.album_slots == 1:
+        return flat, None
+    sizes = [len(album) for album in albums]
+    padded = dataset.pad_albums(list(flat.split(sizes)))
+    return padded["features"], padded["album_mask"].to(flat.device)
+
+
+def stories_from_features(model, tokenizer, features, gen_config, style=None, length=None,
+                          album_mask=None) -> list[list[str]]:
+    """gen_config.num_return_sequences stories for each row of features: (B, feature_dim), or
+    albums (B, S, feature_dim) with their album_mask (B, S)."""
+    sid, lid = style_id(model.config, style), length_id(model.config, length)
+    B, device = len(features), features.device
+    style_ids = torch.full((B,), sid, device=device) if model.config.styles else None
+    length_ids = torch.full((B,), lid, device=device) if model.config.length_buckets else None
+    ids = model.generate(features=features, style_ids=style_ids, length_ids=length_ids, album_mask=album_mask,
+                         generation_config=gen_config)
     texts = [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
     n = gen_config.num_return_sequences
     return [texts[i * n:(i + 1) * n] for i in range(len(features))]
 
 
 def format_stories(path, stories, as_json, several) -> str:
-    """generate.py's output for one image: "Generated Story:" and the story, or a JSON line per story."""
+    """generate.py's output for one image (path) or album (a list of paths): "Generated Story:" and
+    the story, or a JSON line per story ({"image": ...} or {"images": [...]}, "story": ...)."""
     if as_json:
-        return "\n".join(json.dumps({"image": path, "story": story}, ensure_ascii=False) for story in stories)
-    lines = [f"== {path} =="] if several else []
+        key = "images" if isinstance(path, list) else "image"
+        return "\n".join(json.dumps({key: path, "story": story}, ensure_ascii=False) for story in stories)
+    lines = [f"== {' | '.join(path) if isinstance(path, list) else path} =="] if several else []
     for k, story in enumerate(stories, start=1):
         lines += ["Generated Story:" if len(stories) == 1 else f"Generated Story {k}/{len(stories)}:", story, ""]
     return "\n".join(lines)
@@ -156,37 +186,55 @@ class Storyteller:
         decoding["max_new_tokens"] = min(decoding["max_new_tokens"], self.room)
         return generation_config(self.tokenizer, **decoding)
 
-    def check_style(self, style: str | None) -> None:
+    def check_style(self, style: str | None, length: str | None = None) -> None:
+        """A UserError, before any image is read, for a style or length this model cannot write."""
         style_id(self.model.config, style)
+        length_id(self.model.config, length)
+
+    def check_album(self, size: int, what="an album") -> None:
+        slots = self.model.config.album_slots
+        if size > slots:
+            learned = "single images only" if slots == 1 else f"albums of at most {slots} images"
+            raise UserError(f"{what} of {size} images: this model learned {learned}; train it on stories "
+                            f"of longer albums (image names joined by |) to tell them")
 
     def encode(self, images) -> torch.Tensor:
         """(B, feature_dim) features of RGB PIL images."""
         return encode_images(self.model, images)
 
-    def from_features(self, features, gen_config, style=None) -> list[list[str]]:
-        return stories_from_features(self.model, self.tokenizer, features, gen_config, style)
+    def from_features(self, features, gen_config, style=None, length=None, album_mask=None) -> list[list[str]]:
+        return stories_from_features(self.model, self.tokenizer, features, gen_config, style, length, album_mask)
 
-    def stories(self, images, gen_config, style=None) -> list[list[str]]:
-        """gen_config.num_return_sequences stories for each RGB PIL image, decoded in one batch."""
-        return self.from_features(self.encode(images), gen_config, style) if images else []
+    def stories(self, images, gen_config, style=None, length=None) -> list[list[str]]:
+        """gen_config.num_return_sequences stories for each item of images, decoded in one batch:
+        an item is an RGB PIL image, or an album (a list of them) that gets one story."""
+        if not images:
+            return []
+        albums = [list(item) if isinstance(item, (list, tuple)) else [item] for item in images]
+        for album in albums:
+            self.check_album(len(album))
+        features, album_mask = encode_albums(self.model, albums)
+        return self.from_features(features, gen_config, style, length, album_mask)
 
     def load_image(self, path):
         """An image file as the model sees it: upright RGB, at least the model's input size."""
         return dataset.load_image(path, self.model.config.resize_size)
 
-    def tell(self, images, style=None, batch_size=8, seed=None, **decoding):
-        """Stories about an image (a path or a PIL image) or a list of them. keywords: generate.py's
-        decoding flags (strategy="beam", temperature=1.0, max_new_tokens=60, num_stories=3, ...).
-        One image gives its story (a list of them with num_stories > 1); a list gives one such per image."""
-        single = not isinstance(images, (list, tuple))
-        images = [images] if single else list(images)
+    def tell(self, images, album=False, style=None, length=None, batch_size=8, seed=None, **decoding):
+        """Stories about an image (a path or a PIL image) or a list of them; album=True tells one story
+        about the list's images, in order. keywords: generate.py's decoding flags (strategy="beam",
+        temperature=1.0, max_new_tokens=60, num_stories=3, ...); length: "short", "medium" or "long".
+        One image or album gives its story (a list of them with num_stories > 1); a list gives one such per image."""
+        single = album or not isinstance(images, (list, tuple))
+        images = [images] if not isinstance(images, (list, tuple)) else list(images)
         pictures = [im.convert("RGB") if isinstance(im, Image.Image) else self.load_image(im) for im in images]
+        items = [pictures] if album else pictures
         gen_config = self.settings(**decoding)
-        self.check_style(style)
+        self.check_style(style, length)
         if seed is not None:
             torch.manual_seed(seed)
         told = []
-        for start in range(0, len(pictures), batch_size):
-            told += self.stories(pictures[start:start + batch_size], gen_config, style)
+        for start in range(0, len(items), batch_size):
+            told += self.stories(items[start:start + batch_size], gen_config, style, length)
         told = [stories[0] if gen_config.num_return_sequences == 1 else stories for stories in told]
         return told[0] if single else told

@@ -8,6 +8,7 @@
     python train.py ... --resume vlm_model.pt    # continue a run stopped with Ctrl-C (it saves on the way out)
 """
 import argparse
+import bisect
 import hashlib
 import itertools
 import math
@@ -55,6 +56,35 @@ def lora_targets(value):
     return sorted(set(names))
 
 
+def length_buckets(value):
+    """--length-buckets SHORT,MEDIUM: the most story tokens of a short and of a medium story."""
+    try:
+        edges = [int(x) for x in value.split(",")]
+    except ValueError:
+        edges = []
+    if len(edges) != 2 or not 1 <= edges[0] < edges[1]:
+        raise argparse.ArgumentTypeError(f"expected two increasing token counts such as 20,40, got {value!r}")
+    return edges
+
+
+def length_thirds(examples, tokenizer) -> list[int]:
+    """--length-control's buckets: the story lengths (in tokens) at or below which a third and two
+    thirds of the stories are, as near as stories of equal length allow."""
+    counts = sorted(len(ids) for ids in tokenizer([ex.story for ex in examples], add_special_tokens=False,
+                                                  verbose=False)["input_ids"])
+
+    def edge(share, above):
+        candidates = sorted({c for c in counts if above < c < counts[-1]})  # leave stories above it
+        return min(candidates, key=lambda c: abs(bisect.bisect_right(counts, c) / len(counts) - share), default=None)
+
+    edges = [edge(1 / 3, -1)]
+    edges.append(edge(2 / 3, edges[0]) if edges[0] is not None else None)
+    if None in edges:
+        raise UserError(f"--length-control: the stories' lengths ({counts[0]} to {counts[-1]} tokens) do not split "
+                        f"into three groups; give --length-buckets SHORT,MEDIUM, or train without length control")
+    return edges
+
+
 def encoder_name(value):
     if value in ("resnet50", "clip-vit-b32") or (value.startswith(TIMM) and len(value) > len(TIMM)):
         return value
@@ -87,6 +117,11 @@ def parse_args(argv=None):
     p.add_argument("--prefix-norm", action="store_true",
                    help="RMS-normalise the prefix to the decoder's token-embedding scale, with a learned gain "
                         "(measured worse than the plain mapper on the sample data: docs/backbones.md)")
+    p.add_argument("--length-control", action="store_true",
+                   help="learn to write short, medium or long stories (generate.py --length): each training story "
+                        "is in the third of the stories' lengths its token count falls in")
+    p.add_argument("--length-buckets", type=length_buckets, metavar="SHORT,MEDIUM",
+                   help="with --length-control: the most tokens of a short and of a medium story, instead of the thirds")
     p.add_argument("--encoder", type=encoder_name,
                    help="resnet50: torchvision's ImageNet ResNet-50 (a small random ResNet with --preset tiny); "
                         "clip-vit-b32: CLIP's vision tower through transformers, frozen; timm:NAME: any timm "
@@ -152,6 +187,7 @@ def parse_args(argv=None):
             setattr(args, key, value)
     if args.lora and args.freeze_decoder:
         p.error("--lora trains adapters inside the decoder, --freeze-decoder trains none of it: choose one")
+    args.length_control = args.length_control or args.length_buckets is not None
     if args.encoder_weights and args.encoder == "clip-vit-b32":
         p.error("--encoder-weights is for resnet50 and timm encoders; a CLIP comes from --clip")
     if args.encoder == "clip-vit-b32":
@@ -221,7 +257,9 @@ def main(argv=None):
             tokenizer = (backbones.train_tokenizer([ex.story for ex in examples], args.vocab_size) if args.preset == "tiny"
                          else backbones.load_tokenizer(args.decoder))
             styles = sorted({ex.style for ex in examples if ex.style})  # a third column asks for style control
-            model, sources = backbones.build_model(args, tokenizer, styles)
+            album_slots = max(len(ex.images) for ex in examples)  # a line naming several images asks for albums
+            buckets = (args.length_buckets or length_thirds(examples, tokenizer)) if args.length_control else ()
+            model, sources = backbones.build_model(args, tokenizer, styles, album_slots, buckets)
         model.to(run.device).train()
         model.encoder.to(memory_format=torch.channels_last)
         amp = partial(training.autocast, run.device, args.dtype)

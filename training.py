@@ -32,7 +32,7 @@ def autocast(device, dtype_name: str):
 def to_device(batch: dict, device) -> dict:
     """Moves a batch; images go channels-last, the layout the CNN's convolutions run fastest in."""
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    if "images" in batch:
+    if "images" in batch and batch["images"].dim() == 4:  # (an album batch is 5-d; its images go flat)
         batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)
     return batch
 
@@ -51,7 +51,7 @@ def cached_features(model, examples, run, *, images_dir, cache_dir, dtype, batch
     transform = dataset.image_transform(config)
     cache = dataset.FeatureCache(cache_dir, dataset.encoder_fingerprint(model, transform, config.resize_size, dtype),
                                  config.feature_dim)
-    names = sorted({ex.image for ex in examples})
+    names = sorted({name for ex in examples for name in ex.images})
     keys = {name: cache.key(Path(images_dir) / name) for name in names}
     features = {name: cache.load(keys[name]) for name in names}
     missing = [name for name in names if features[name] is None]
@@ -95,7 +95,8 @@ def make_loaders(model, tokenizer, examples, run, *, images_dir, stories_path, b
     train_examples, val_examples = dataset.split_by_image(examples, val_split, seed)
     make_set = partial(dataset.StoryDataset, images_dir=images_dir, tokenizer=tokenizer,
                        transform=dataset.image_transform(config), max_tokens=max_tokens, min_side=config.resize_size,
-                       style_id=config.style_id if config.styles else None, features=features)
+                       style_id=config.style_id if config.styles else None, features=features,
+                       album=config.album_slots > 1, length_bucket=config.length_bucket if config.length_buckets else None)
     train_set = make_set(train_examples)
     val_set = make_set(val_examples) if val_examples else None
     cut = sorted(train_set.truncated + (val_set.truncated if val_set is not None else []))
@@ -111,9 +112,14 @@ def make_loaders(model, tokenizer, examples, run, *, images_dir, stories_path, b
     loader = DataLoader(train_set, sampler=sampler, generator=torch.Generator().manual_seed(seed), **common)
     val_loader = (DataLoader(val_set, generator=torch.Generator().manual_seed(seed), **common)
                   if val_set is not None and run.main else None)
-    n_images = len({ex.image for ex in train_examples})
+    n_images = len({name for ex in train_examples for name in ex.images})
+    albums = sum(len(ex.images) > 1 for ex in examples)
     run.log(f"data: {len(train_examples)} stories of {n_images} images for training, "
-            f"{len(val_examples)} stories held out for validation")
+            f"{len(val_examples)} stories held out for validation"
+            + (f"; {albums} of the stories are about albums of up to {config.album_slots} images" if albums else ""))
+    if config.length_buckets:
+        short, medium = config.length_buckets
+        run.log(f"lengths: short up to {short} tokens, medium up to {medium}, long above")
     if config.styles:
         unstyled = sum(ex.style is None for ex in examples)
         run.log(f"styles: {', '.join(config.styles)}"

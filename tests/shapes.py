@@ -16,10 +16,10 @@ BACKGROUNDS = {"white": (250, 250, 250), "black": (10, 10, 10), "gray": (128, 12
 SHAPES = ["circle", "square", "triangle"]
 
 
-def draw(colour, shape, background, rng, size=64):
+def draw(colour, shape, background, rng, size=64, big=False):
     img = Image.new("RGB", (size, size), BACKGROUNDS[background])
     d = ImageDraw.Draw(img)
-    r = rng.randint(size // 5, size // 3)
+    r = rng.randint(size // 3, 9 * size // 20) if big else rng.randint(size // 5, size // 3)
     cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
     fill = COLOURS[colour]
     if shape == "circle":
@@ -58,6 +58,65 @@ def make_shapes(out_dir, n, seed=0, size=64, styles=False):
                   for name, c, s, b in rows for style, text in STYLES.items()]
     (out_dir / "stories.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return rows
+
+
+ORDER = ["First", "Then", "Last"]  # how an album story names its pictures, in order
+
+
+def make_albums(out_dir, n, seed=0, sizes=(2, 3), size=64):
+    """Writes n albums of len in sizes shapes each (every picture its own file) and a stories file of
+    album lines ("a.png|b.png<TAB>First a red circle. Last a blue square."); returns
+    [([file names], [(colour, shape), ...])]. The shapes are big, on white: the test trains quickly
+    with a frozen random encoder, whose features see large areas of colour best."""
+    rng = random.Random(seed)
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    albums, lines = [], []
+    for i in range(n):
+        names, pictures = [], []
+        for k in range(rng.choice(sizes)):
+            colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+            names.append(f"{seed}_{i:05d}_{k}.png")
+            draw(colour, shape, "white", rng, size, big=True).save(out_dir / "images" / names[-1])
+            pictures.append((colour, shape))
+        albums.append((names, pictures))
+        words = ORDER[:len(pictures) - 1] + ORDER[-1:]
+        lines.append("|".join(names) + "\t" + " ".join(f"{w} a {c} {s}." for w, (c, s) in zip(words, pictures)))
+    (out_dir / "stories.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return albums
+
+
+def album_words(story):
+    """[(colour, shape), ...] an album story names, in its order."""
+    words = story.lower().replace(".", " ").split()
+    return [(words[i + 2], words[i + 3]) for i, w in enumerate(words[:-3]) if w in ("first", "then", "last")
+            and words[i + 1] == "a"]
+
+
+# Stories of one, two or three sentences, for length control: the picture decides the first.
+MORE = ["It sat there all day.", "Nobody came to see it."]
+
+
+def make_lengths(out_dir, n, seed=0, size=64):
+    """n shapes, each told in a story of 1, 2 or 3 sentences chosen at random; returns
+    [(file name, sentences)]."""
+    rng = random.Random(seed)
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    rows, lines = [], []
+    for i in range(n):
+        colour, shape, background = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(BACKGROUNDS))
+        name = f"{seed}_{i:05d}.png"
+        draw(colour, shape, background, rng, size).save(out_dir / "images" / name)
+        sentences = rng.choice([1, 2, 3])
+        rows.append((name, sentences))
+        lines.append(f"{name}\t" + " ".join([story(colour, shape, background)] + MORE[:sentences - 1]))
+    (out_dir / "stories.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return rows
+
+
+def sentences(story):
+    return sum(story.count(end) for end in ".!?")
 
 
 def score(rows, stories):

@@ -149,7 +149,7 @@ def test_the_prefix_starts_on_the_decoders_embedding_scale(backbones):
     model, _ = build_model(args, tokenizer)
     embeddings = model.decoder.get_input_embeddings().weight
     features = torch.randn(3, model.config.feature_dim) * 50  # far off any sensible scale
-    prefix = model.prefix(features)  # (3, P, E)
+    prefix, _ = model.prefix(features)  # (3, P, E)
     rms = prefix.pow(2).mean(-1).sqrt()
     assert torch.allclose(rms, embeddings.pow(2).mean().sqrt().expand_as(rms), rtol=1e-3)
 
