@@ -3,6 +3,8 @@ tell the model which words to write. Used by the tests and by the README's measu
 
     python tests/shapes.py OUT_DIR --n 1000     # OUT_DIR/images/*.png + OUT_DIR/stories.txt
     python tests/shapes.py OUT_DIR --styles     # each image also told in the styles of STYLES
+    python tests/shapes.py OUT_DIR --albums     # albums of 2 or 3 shapes, one story each (a.png|b.png<TAB>...)
+    python tests/shapes.py OUT_DIR --lengths    # stories of 1, 2 or 3 sentences, for --length-control
 """
 import argparse
 import random
@@ -137,7 +139,15 @@ if __name__ == "__main__":
     p.add_argument("out_dir", help="folder to write images/ and stories.txt into")
     p.add_argument("--n", type=int, default=1000, help="number of images (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed; use another for a held-out set (default: %(default)s)")
-    p.add_argument("--styles", action="store_true", help=f"also write each image's story in the styles {', '.join(STYLES)}")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--styles", action="store_true", help=f"also write each image's story in the styles {', '.join(STYLES)}")
+    kind.add_argument("--albums", action="store_true", help="N albums of 2 or 3 big shapes on white, a story each")
+    kind.add_argument("--lengths", action="store_true", help="stories of 1, 2 or 3 sentences chosen at random")
     args = p.parse_args()
-    make_shapes(args.out_dir, args.n, args.seed, styles=args.styles)
-    print(f"wrote {args.n} images to {args.out_dir}")
+    if args.albums:
+        make_albums(args.out_dir, args.n, args.seed)
+    elif args.lengths:
+        make_lengths(args.out_dir, args.n, args.seed)
+    else:
+        make_shapes(args.out_dir, args.n, args.seed, styles=args.styles)
+    print(f"wrote {args.n} {'albums' if args.albums else 'images'} to {args.out_dir}")

@@ -28,6 +28,14 @@ def albums(tmp_path_factory):
     return out, [([str(root / "test" / "images" / n) for n in names], pictures) for names, pictures in unseen]
 
 
+def test_the_feature_cache_holds_each_picture_once(albums):
+    """An album costs no more than its pictures: the cache has one entry per image, not per album."""
+    checkpoint, _ = albums
+    [folder] = (checkpoint.parent / ".cache" / "features").iterdir()
+    pictures = len(list((checkpoint.parent / "train" / "images").glob("*.png")))
+    assert len(list(folder.glob("*.pt"))) == pictures > 160  # 160 albums of 2 or 3 pictures
+
+
 def colours_in_place(told, pictures) -> float:
     """Share of the pictures whose colour the story names in the picture's place."""
     named = album_words(told)
@@ -88,7 +96,7 @@ def lengths(tmp_path_factory):
     root = tmp_path_factory.mktemp("lengths")
     make_lengths(root / "train", 150, seed=0)
     make_lengths(root / "test", 20, seed=1)
-    out = tiny_train(root / "train", root / "m.pt", "--epochs", "6", "--length-control")
+    out = tiny_train(root / "train", root / "m.pt", "--epochs", "10", "--length-control")
     return out, sorted(str(p) for p in (root / "test" / "images").glob("*.png"))
 
 

@@ -42,6 +42,9 @@ STORIES = {
     "text.txt": b"text.jpg\tA text file named .jpg.\n",
     "cut.txt": b"cut.jpg\tHalf a JPEG.\n",
     "bomb.txt": b"good.jpg\tFine.\nbig.png\tToo many pixels.\n",
+    "album_gap.txt": b"good.jpg||good.jpg\tAn album with an empty name.\n",
+    "album_escape.txt": b"good.jpg|x/../../secret.jpg\tAn album that climbs out.\n",
+    "album_missing.txt": b"good.jpg|missing.jpg\tThe second picture is gone.\n",
     "csv.txt": b"".join(b"good.jpg,story %d\n" % i for i in range(50)),  # a CSV: a problem on every line
 }
 
@@ -114,6 +117,11 @@ TRAIN_CASES = [
     ("empty story", ["--stories", "{ws}/nostory.txt"], "{ws}/nostory.txt:1: empty story for good.jpg"),
     ("name with ..", ["--stories", "{ws}/dotdot.txt"], "{ws}/dotdot.txt:1: image name '../secret.jpg' contains '..'; give a path inside the images folder"),
     ("absolute name", ["--stories", "{ws}/absolute.txt"], "{ws}/absolute.txt:1: image name '/etc/passwd' is an absolute path"),
+    ("album with an empty name", ["--stories", "{ws}/album_gap.txt"],
+     "{ws}/album_gap.txt:1: empty image name in the album 'good.jpg||good.jpg'"),
+    ("album name with ..", ["--stories", "{ws}/album_escape.txt"],
+     "{ws}/album_escape.txt:1: image name 'x/../../secret.jpg' contains '..'"),
+    ("album image missing", ["--stories", "{ws}/album_missing.txt"], "{ws}/album_missing.txt:1: {ws}/images/missing.jpg: image not found"),
     ("name is a folder", ["--stories", "{ws}/folder.txt"], "{ws}/folder.txt:1: {ws}/images/folder.jpg: is a directory, not an image"),
     # images
     ("images folder missing", ["--images", "{ws}/nope", "--stories", "{ws}/good.txt"], "{ws}/nope: images folder not found; pass --images DIR"),

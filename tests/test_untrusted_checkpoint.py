@@ -35,6 +35,10 @@ CASES = [  # (name, config changes, what the line says)
     ("prefix longer than the context", dict(prefix_length=500),
      "its image prefix (500 positions) leaves no room for a story in the decoder's context of 128 positions"),
     ("huge images", dict(image_size=100_000), "its config has image_size = 100000, outside [1, 4,096]"),
+    ("a million album slots", dict(album_slots=10 ** 6), "its config has album_slots = 1000000, outside [1, 64]"),
+    ("albums longer than the context", dict(album_slots=20),
+     "its image prefix (200 positions) leaves no room for a story in the decoder's context of 128 positions"),
+    ("bad length buckets", dict(length_buckets=["short", 3]), "its config has length_buckets = ['short', 3], not two token counts"),
     ("unknown decoder type", dict(decoder_model_type="no-such-model"), "its decoder config cannot be read ("),
 ]
 IDS = [c[0] for c in CASES]
