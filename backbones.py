@@ -194,10 +194,11 @@ def check_timm_name(name: str, where: str | None = None) -> None:
                         f"python -c \"import timm; print(timm.list_models('{pattern}'))\"")
 
 
-def load_timm_weights(encoder: torch.nn.Module, name: str, weights_file=None) -> None:
+def load_timm_weights(encoder: torch.nn.Module, name: str, weights_file=None) -> dict:
     """Pretrained weights into a timm encoder built by model.build_encoder (classifier removed): from
     weights_file (a state_dict of the full model, saved with torch.save) or the way timm gets them
-    (the Hugging Face hub and its cache)."""
+    (the Hugging Face hub and its cache). Returns the classifier's own tensors ({"weight", "bias"}),
+    or {} when the weights have none: the tags' classifier."""
     import timm
     if weights_file is not None:
         try:
@@ -216,7 +217,7 @@ def load_timm_weights(encoder: torch.nn.Module, name: str, weights_file=None) ->
             if not cached:
                 _check_hub("the timm encoder", name, ways_out)
         try:
-            state = timm.create_model(name, pretrained=True, num_classes=0).state_dict()
+            state = timm.create_model(name, pretrained=True).state_dict()  # with its classifier, for tags
         except Exception as err:  # hub errors, a tag without weights, ... each means the same
             raise UserError(f"cannot load the pretrained weights of timm's {name} "
                             f"({(str(err).splitlines() or [type(err).__name__])[0][:200]}); {ways_out}") from None
@@ -233,14 +234,18 @@ def load_timm_weights(encoder: torch.nn.Module, name: str, weights_file=None) ->
         first = (missing or unexpected)[0]
         raise UserError(f"{weights_file}: not weights of timm's {name} ({len(missing)} of its tensors missing, "
                         f"{len(unexpected)} unknown ones, e.g. {first}); pass a state_dict of that model")
+    head = {k.rsplit(".", 1)[-1]: v for k, v in state.items() if k in [f"{c}.{p}" for c in classifier[:1]
+                                                                       for p in ("weight", "bias")]}
+    return head if set(head) == {"weight", "bias"} else {}
 
 
-def load_encoder_weights(encoder: torch.nn.Module, encoder_name: str, weights_file=None) -> None:
-    """Pretrained weights into a frozen or starting encoder: ResNet-50 or a timm model."""
+def load_encoder_weights(encoder: torch.nn.Module, encoder_name: str, weights_file=None) -> dict:
+    """Pretrained weights into a frozen or starting encoder: ResNet-50 or a timm model. Returns a timm
+    model's classifier tensors (see load_timm_weights), {} for ResNet-50."""
     if encoder_name.startswith("timm:"):
-        load_timm_weights(encoder, encoder_name.removeprefix("timm:"), weights_file)
-    else:
-        load_resnet50_weights(encoder, weights_file)
+        return load_timm_weights(encoder, encoder_name.removeprefix("timm:"), weights_file)
+    load_resnet50_weights(encoder, weights_file)
+    return {}
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -320,13 +325,18 @@ def build_model(args, tokenizer, styles=(), album_slots=1, length_buckets=()):
     config = StoryConfig(**image, prefix_length=args.prefix_length, feature_norm=args.feature_norm,
                          prefix_scale=prefix_scale, mapper=args.mapper, mapper_layers=args.mapper_layers,
                          decoder=decoder.to_dict(), lora=lora_config(args, decoder), styles=list(styles),
-                         album_slots=album_slots, length_buckets=list(length_buckets),
+                         album_slots=album_slots, length_buckets=list(length_buckets), tags=args.tags,
                          train_encoder=args.train_encoder, train_decoder=not frozen_decoder)
     model = StoryModel(config, decoder_weights=decoder_weights)
     if clip is not None:
         model.encoder.clip.load_state_dict(clip.state_dict())
     elif config.encoder != "resnet-tiny":
-        load_encoder_weights(model.encoder, config.encoder, args.encoder_weights)
+        head = load_encoder_weights(model.encoder, config.encoder, args.encoder_weights)
+        if model.tagger is not None:
+            if head.get("weight") is None or tuple(head["weight"].shape) != tuple(model.tagger.weight.shape):
+                raise UserError(f"--tags: the weights of {args.encoder} have no ImageNet classifier to name what "
+                                f"a picture shows; use a timm encoder pretrained on ImageNet-1k, or --tags 0")
+            model.tagger.load_state_dict(head)
     # A frozen pretrained part is not stored in the checkpoint: generate.py reloads it from here.
     if args.train_encoder or config.encoder == "resnet-tiny":
         encoder_source = None

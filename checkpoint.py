@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 import backbones
-from model import StoryConfig, StoryModel
+from model import TAG_TOKENS, StoryConfig, StoryModel
 from cli import UserError
 from files import atomic_write, load_torch_file, os_error
 
@@ -23,11 +23,11 @@ RESUME_MUST_MATCH = ("preset", "epochs", "batch_size", "grad_accum", "lr", "weig
                      "prefix_length", "feature_norm", "prefix_norm", "encoder", "clip", "mapper", "mapper_layers",
                      "freeze_decoder", "lora", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets",
                      "train_encoder", "decoder", "encoder_weights", "val_split", "seed", "length_control",
-                     "length_buckets")
+                     "length_buckets", "tags")
 # What the settings were called in checkpoints saved before the decoder could be any causal LM,
 # and the values of settings that did not exist yet when older checkpoints were saved.
 OLD_NAMES = {"decoder": "gpt2", "freeze_decoder": "freeze_gpt2"}
-NEWER = {"prefix_norm": False, "length_control": False, "length_buckets": None}
+NEWER = {"prefix_norm": False, "length_control": False, "length_buckets": None, "tags": 0}
 
 
 def to_cpu(obj):
@@ -239,7 +239,7 @@ MAX_CONFIG_INT = 2 ** 24  # any integer in a decoder or encoder config dict, che
 SIZE_BOUNDS = {"hidden_size": 65_536, "num_hidden_layers": 1_024, "vocab_size": 4_194_304,
                "max_position_embeddings": MAX_CONFIG_INT, "intermediate_size": 1_048_576}
 IMAGE_SIDE_BOUND = 4_096  # image_size and resize_size, in pixels
-STORY_BOUNDS = {"prefix_length": 4_096, "mapper_layers": 256, "album_slots": 64}
+STORY_BOUNDS = {"prefix_length": 4_096, "mapper_layers": 256, "album_slots": 64, "tags": 20}
 
 
 def _first_huge_int(d, trail=""):
@@ -301,7 +301,8 @@ def check_config_sane(config: dict, where="checkpoint") -> None:
     prefix_length = integer("prefix_length", 1, STORY_BOUNDS["prefix_length"])
     mapper_layers = integer("mapper_layers", 0, STORY_BOUNDS["mapper_layers"])
     album_slots = integer("album_slots", 1, STORY_BOUNDS["album_slots"]) or 1
-    buckets = config.get("length_buckets") or []
+    integer("tags", 0, STORY_BOUNDS["tags"])
+    buckets = config.get("length_buckets", "tags") or []
     if not isinstance(buckets, list) or (buckets and (len(buckets) != 2 or not all(
             isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= MAX_CONFIG_INT for b in buckets))):
         refuse(f"its config has length_buckets = {str(buckets)[:40]}, not two token counts")
@@ -327,7 +328,7 @@ def check_config_sane(config: dict, where="checkpoint") -> None:
     decoder = sized.get("decoder")
     if decoder is None:
         refuse("its config has no decoder config with a model_type")
-    prefix_tokens = album_slots * prefix_length + bool(styles) + bool(buckets)
+    prefix_tokens = album_slots * prefix_length + bool(styles) + bool(buckets) + TAG_TOKENS * bool(config.get("tags"))
     if prefix_tokens >= decoder.get("max_position_embeddings", math.inf):
         refuse(f"its image prefix ({prefix_tokens} positions) leaves no room for a story in the decoder's "
                f"context of {decoder['max_position_embeddings']} positions")

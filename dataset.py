@@ -272,10 +272,11 @@ class StoryDataset(Dataset):
     album=True (a model of several album slots) every story has a stack of them, one per image."""
 
     def __init__(self, examples, images_dir, tokenizer, transform, max_tokens: int, min_side=None, style_id=None,
-                 features=None, album=False, length_bucket=None):
+                 features=None, album=False, length_bucket=None, prompts=None):
         self.examples = examples
         self.features = features
         self.album = album
+        self.prompts = prompts  # {image name: its tag words' token ids}, for a model with tags
         self.style_ids = [style_id(ex.style) for ex in examples] if style_id else None
         self.images_dir = Path(images_dir)
         self.transform = transform
@@ -302,6 +303,8 @@ class StoryDataset(Dataset):
             item["style_id"] = self.style_ids[i]
         if self.length_ids is not None:
             item["length_id"] = self.length_ids[i]
+        if self.prompts is not None:
+            item["prompt_ids"] = self.prompts[self.examples[i].image]
         return item
 
 
@@ -335,7 +338,21 @@ def collate(batch, pad_id: int):
         out["style_ids"] = torch.tensor([item["style_id"] for item in batch])
     if "length_id" in batch[0]:
         out["length_ids"] = torch.tensor([item["length_id"] for item in batch])
+    if "prompt_ids" in batch[0]:
+        out["prompt_ids"], out["prompt_mask"] = left_pad([item["prompt_ids"] for item in batch], pad_id)
     return out
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists (a picture's tag words) -> (B, L) ids padded on the left, and their mask: the
+    words then end right where the story starts."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, row in enumerate(rows):
+        if row:
+            ids[r, width - len(row):], mask[r, width - len(row):] = torch.tensor(row), 1
+    return ids, mask
 
 
 def pad_albums(albums: list[torch.Tensor], name="features") -> dict:

@@ -21,6 +21,8 @@ ENCODERS = [*FEATURE_DIMS, "clip-vit-b32", "timm:NAME"]
 TIMM = "timm:"  # prefix of a timm encoder's name: timm:convnext_tiny
 MAPPERS = ["linear", "mlp", "transformer"]
 LENGTHS = ["short", "medium", "long"]  # the thirds of the training stories' lengths
+IMAGENET_CLASSES = 1000  # what a pretrained encoder's classifier tells apart (tags)
+TAG_TOKENS = 32  # the most tokens the tag words take
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -46,6 +48,9 @@ class StoryConfig:
     album_slots: int = 1  # most images one story was trained on; above 1 each image's place has a learned embedding
     # Length control: [most tokens of a short story, most of a medium one]; empty: none (LENGTHS).
     length_buckets: list = field(default_factory=list)
+    # Tags: how many of the encoder's own ImageNet classes (its pretrained classifier's top ones) are
+    # written as words after the prefix, so the decoder reads what the picture shows; 0: none.
+    tags: int = 0
     train_encoder: bool = False
     train_decoder: bool = True  # the whole decoder (False with LoRA: only the adapters train)
 
@@ -61,7 +66,8 @@ class StoryConfig:
     def prefix_tokens(self) -> int:
         """Most positions in front of the story: an image prefix per album slot, then one position for
         the style and one for the length, if the model has them."""
-        return self.album_slots * self.prefix_length + bool(self.styles) + bool(self.length_buckets)
+        return (self.album_slots * self.prefix_length + bool(self.styles) + bool(self.length_buckets)
+                + TAG_TOKENS * bool(self.tags))
 
     def length_id(self, length: str | None) -> int:
         """LENGTHS index of the asked-for length; a model with length control writes medium ones unasked."""
@@ -211,6 +217,8 @@ class StoryModel(nn.Module):
         # start (std 0.02) named 61% of the colours in their place after 25 epochs, this one 100%.
         self.slot = nn.Embedding(config.album_slots, n_embd) if config.album_slots > 1 else None
         self.length = nn.Embedding(len(LENGTHS), n_embd) if config.length_buckets else None
+        # The pretrained encoder's ImageNet classifier, frozen: it names what the picture shows.
+        self.tagger = nn.Linear(config.feature_dim, IMAGENET_CLASSES).requires_grad_(False) if config.tags else None
         # Opt-in (--prefix-norm): an RMSNorm whose gain starts at the token embeddings' RMS puts every
         # prefix vector (and the style's) on the scale of the words from step one. The plain linear
         # mapper already starts within 2x of it and trained better (docs/backbones.md).
@@ -239,14 +247,20 @@ class StoryModel(nn.Module):
             features[album_mask] = real
             return features
 
-    def prefix(self, features, style_ids=None, length_ids=None, album_mask=None):
+    @torch.no_grad()
+    def tag_classes(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, feature_dim) -> (B, tags) the ImageNet class ids the classifier finds likeliest, best first."""
+        return self.tagger(features.to(self.tagger.weight.dtype)).topk(self.config.tags, dim=-1).indices
+
+    def prefix(self, features, style_ids=None, length_ids=None, album_mask=None, prompt_ids=None, prompt_mask=None):
         """Embeddings that start the story and their attention mask: (B, positions, n_embd), (B, positions).
 
         features: (B, feature_dim) of one image each, or (B, S, feature_dim) of albums of up to S
         images, in order, with album_mask (B, S) True for the real ones (first) and False for padding.
         Each image's prefix_length embeddings (plus its album-place embedding), shorter albums padded
         on the left so the story always starts right after the last picture; then the style (style_ids
-        (B,): StoryConfig.style_id, None = none) and the length (length_ids (B,): StoryConfig.length_id)."""
+        (B,): StoryConfig.style_id, None = none) and the length (length_ids (B,): StoryConfig.length_id);
+        last the tag words, prompt_ids (B, L) left-padded with prompt_mask (B, L), for a model with tags."""
         if features.dim() == 2:
             features = features[:, None]  # (B, 1, D): an album of one
         B, S = features.shape[:2]
@@ -277,21 +291,24 @@ class StoryModel(nn.Module):
             mask = torch.cat([mask, mask.new_ones(B, len(extras))], dim=1)
         if self.prefix_norm is not None:
             prefix = self.prefix_norm(prefix)
+        if prompt_ids is not None:  # words, so after the prefix norm: they are on the embeddings' scale already
+            words = self.decoder.get_input_embeddings()(prompt_ids).to(prefix.dtype)  # (B, L, E)
+            prefix, mask = torch.cat([prefix, words], dim=1), torch.cat([mask, prompt_mask.long()], dim=1)
         return prefix, mask
 
     def forward(self, input_ids, attention_mask, images=None, features=None, style_ids=None, length_ids=None,
-                album_mask=None):
+                album_mask=None, prompt_ids=None, prompt_mask=None):
         """Cross-entropy of the story tokens given the image or album (and style and length).
 
         input_ids, attention_mask: (B, T) right-padded stories, each ending with EOS.
         Give either images (B, 3, H, W) or precomputed features (B, feature_dim); for albums
         (B, S, 3, H, W) or (B, S, feature_dim) with album_mask (B, S) (see prefix).
-        style_ids, length_ids: (B,) each story's style (0 = none) and length bucket, for a model that has them.
-        Returns the transformers output: .loss (mean over story tokens) and .logits.
+        style_ids, length_ids: (B,) each story's style (0 = none) and length bucket, for a model that has them;
+        prompt_ids, prompt_mask: the tag words (see prefix). Returns the transformers output: .loss (mean over story tokens) and .logits.
         """
         if features is None:
             features = self.encode(images, album_mask)
-        prefix, prefix_mask = self.prefix(features, style_ids, length_ids, album_mask)  # (B, P, E), (B, P)
+        prefix, prefix_mask = self.prefix(features, style_ids, length_ids, album_mask, prompt_ids, prompt_mask)  # (B, P, E), (B, P)
         tokens = self.decoder.get_input_embeddings()(input_ids)  # (B, T, E)
         embeds = torch.cat([prefix, tokens], dim=1)  # (B, P+T, E)
         mask = torch.cat([prefix_mask, attention_mask], dim=1)  # (B, P+T)
@@ -304,7 +321,7 @@ class StoryModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, images=None, features=None, style_ids=None, length_ids=None, album_mask=None,
-                 **generate_kwargs) -> torch.Tensor:
+                 prompt_ids=None, prompt_mask=None, **generate_kwargs) -> torch.Tensor:
         """Story token ids (B * num_return_sequences, T_new) through transformers' generate.
 
         generate keeps a KV cache, so each new token costs one step, and provides greedy,
@@ -313,7 +330,7 @@ class StoryModel(nn.Module):
         """
         if features is None:
             features = self.encode(images, album_mask)
-        prefix, mask = self.prefix(features, style_ids, length_ids, album_mask)  # (B, P, E), (B, P)
+        prefix, mask = self.prefix(features, style_ids, length_ids, album_mask, prompt_ids, prompt_mask)  # (B, P, E), (B, P)
         return self.decoder.generate(inputs_embeds=prefix, attention_mask=mask, **generate_kwargs)
 
 

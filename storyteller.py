@@ -15,7 +15,7 @@ from transformers import GenerationConfig
 import dataset
 from checkpoint import load_checkpoint, load_model
 from cli import DTYPES, UserError, non_negative_int, pick_device, positive_float, positive_int, top_p_value
-from model import LENGTHS, decoder_sizes
+from model import LENGTHS, TAG_TOKENS, decoder_sizes
 from quantize import METHODS as QUANTIZE_METHODS, quantize_decoder
 
 # The prefix is embeddings, not tokens, so n-gram blocking and the repetition penalty can only look
@@ -119,6 +119,16 @@ def encode_images(model, images) -> torch.Tensor:
     return model.encode(pixels.contiguous(memory_format=torch.channels_last))  # the CNN's fastest layout
 
 
+def tag_prompts(model, tokenizer, features) -> list[list[int]]:
+    """The tag words of each picture, as token ids: "Pictured: tabby cat, tiger cat, Egyptian cat."
+    and a line break, from the encoder's ImageNet classifier (the first name of each class)."""
+    from timm.data import ImageNetInfo  # ImageNet's class names, shipped with timm
+    names = ImageNetInfo()
+    texts = ["Pictured: " + ", ".join(names.index_to_description(int(i)).split(",")[0] for i in row) + ".\n"
+             for row in model.tag_classes(features)]
+    return [ids[:TAG_TOKENS] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
 @torch.no_grad()
 def encode_albums(model, albums) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Features of albums (lists of RGB PIL images): (B, S, feature_dim) padded to the longest with
@@ -139,8 +149,12 @@ def stories_from_features(model, tokenizer, features, gen_config, style=None, le
     B, device = len(features), features.device
     style_ids = torch.full((B,), sid, device=device) if model.config.styles else None
     length_ids = torch.full((B,), lid, device=device) if model.config.length_buckets else None
+    prompt = {}
+    if model.config.tags:
+        prompt_ids, prompt_mask = dataset.left_pad(tag_prompts(model, tokenizer, features), tokenizer.pad_token_id)
+        prompt = dict(prompt_ids=prompt_ids.to(device), prompt_mask=prompt_mask.to(device))
     ids = model.generate(features=features, style_ids=style_ids, length_ids=length_ids, album_mask=album_mask,
-                         generation_config=gen_config)
+                         generation_config=gen_config, **prompt)
     texts = [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
     n = gen_config.num_return_sequences
     return [texts[i * n:(i + 1) * n] for i in range(len(features))]

@@ -27,6 +27,7 @@ from transformers import get_cosine_schedule_with_warmup
 import backbones
 import checkpoint
 import dataset
+import storyteller
 import training
 from cli import DTYPES, UserError, fraction, non_negative_float, non_negative_int, parse_device, positive_float, positive_int, run_cli
 from distributed import StopRequest, agree, start_run
@@ -41,7 +42,7 @@ PRESETS = {
     # measured best on the sample data (docs/backbones.md).
     "small": dict(encoder="timm:tf_efficientnet_lite0", decoder=backbones.SMALL_DECODER,
                   freeze_decoder=True, epochs=10, batch_size=16, lr=1e-3, image_size=224, resize_size=224,
-                  train_encoder=False, feature_norm=False),
+                  train_encoder=False, feature_norm=False, tags=3),
     # Toy sizes for offline runs and tests. The random encoder is trained: frozen random
     # features tell shapes apart poorly (docs/tiny-preset.md).
     "tiny": dict(encoder="resnet50", decoder="gpt2", epochs=40, batch_size=16, lr=1e-3, image_size=64, resize_size=64,
@@ -122,6 +123,10 @@ def parse_args(argv=None):
                         "is in the third of the stories' lengths its token count falls in")
     p.add_argument("--length-buckets", type=length_buckets, metavar="SHORT,MEDIUM",
                    help="with --length-control: the most tokens of a short and of a medium story, instead of the thirds")
+    p.add_argument("--tags", type=non_negative_int,
+                   help="write the N ImageNet classes the pretrained timm encoder's own classifier finds likeliest "
+                        "as words after the prefix (\"Pictured: tabby cat, ...\"), so the decoder reads what a "
+                        "photo shows, also for pictures unlike the training ones; 0 = off (default: small: 3, else 0)")
     p.add_argument("--encoder", type=encoder_name,
                    help="resnet50: torchvision's ImageNet ResNet-50 (a small random ResNet with --preset tiny); "
                         "clip-vit-b32: CLIP's vision tower through transformers, frozen; timm:NAME: any timm "
@@ -188,6 +193,10 @@ def parse_args(argv=None):
     if args.lora and args.freeze_decoder:
         p.error("--lora trains adapters inside the decoder, --freeze-decoder trains none of it: choose one")
     args.length_control = args.length_control or args.length_buckets is not None
+    args.tags = args.tags or 0
+    if args.tags and (not args.encoder.startswith(TIMM) or args.train_encoder):
+        p.error("--tags reads a frozen pretrained timm encoder's ImageNet classifier: use --encoder timm:NAME "
+                "without --train-encoder, or --tags 0")
     if args.encoder_weights and args.encoder == "clip-vit-b32":
         p.error("--encoder-weights is for resnet50 and timm encoders; a CLIP comes from --clip")
     if args.encoder == "clip-vit-b32":
@@ -197,6 +206,17 @@ def parse_args(argv=None):
         args.image_size = args.resize_size = 224
     return args
 
+
+
+def tag_prompts(model, tokenizer, examples, features, args) -> dict:
+    """{image name: its tag words' token ids}, from the cached features of a frozen encoder."""
+    if features is None:
+        raise UserError("--tags reads the image features from the feature cache; drop --no-feature-cache or use --tags 0")
+    if model.config.album_slots > 1:
+        raise UserError(f"{args.stories}: --tags is for stories of single images, not albums; use --tags 0")
+    names = sorted(features)
+    stacked = torch.stack([features[name] for name in names]).to(next(model.tagger.parameters()).device)
+    return dict(zip(names, storyteller.tag_prompts(model, tokenizer, stacked)))
 
 
 def out_of_memory_advice(args, run) -> UserError:
@@ -266,10 +286,11 @@ def main(argv=None):
         cache_dir = None if args.no_feature_cache else args.feature_cache or Path(args.out).parent / ".cache" / "features"
         features = training.cached_features(model, examples, run, images_dir=args.images, cache_dir=cache_dir,
                                             dtype=args.dtype, batch_size=args.batch_size, num_workers=args.num_workers)
+        prompts = tag_prompts(model, tokenizer, examples, features, args) if model.config.tags else None
         loader, val_loader = training.make_loaders(model, tokenizer, examples, run, images_dir=args.images,
                                                    stories_path=args.stories, batch_size=args.batch_size,
                                                    num_workers=args.num_workers, val_split=args.val_split,
-                                                   seed=args.seed, features=features)
+                                                   seed=args.seed, features=features, prompts=prompts)
 
         params = [p for p in model.parameters() if p.requires_grad]
         n_train, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())

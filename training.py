@@ -83,7 +83,7 @@ def cached_features(model, examples, run, *, images_dir, cache_dir, dtype, batch
 
 
 def make_loaders(model, tokenizer, examples, run, *, images_dir, stories_path, batch_size, num_workers, val_split,
-                 seed, features=None):
+                 seed, features=None, prompts=None):
     """Training and validation loaders; batches carry images, or cached features when given."""
     config = model.config
     context = decoder_sizes(model.decoder.config)[2]
@@ -96,7 +96,8 @@ def make_loaders(model, tokenizer, examples, run, *, images_dir, stories_path, b
     make_set = partial(dataset.StoryDataset, images_dir=images_dir, tokenizer=tokenizer,
                        transform=dataset.image_transform(config), max_tokens=max_tokens, min_side=config.resize_size,
                        style_id=config.style_id if config.styles else None, features=features,
-                       album=config.album_slots > 1, length_bucket=config.length_bucket if config.length_buckets else None)
+                       album=config.album_slots > 1, length_bucket=config.length_bucket if config.length_buckets else None,
+                       prompts=prompts)
     train_set = make_set(train_examples)
     val_set = make_set(val_examples) if val_examples else None
     cut = sorted(train_set.truncated + (val_set.truncated if val_set is not None else []))

@@ -13,7 +13,7 @@ import dataset
 import generate
 import train
 from conftest import DATA, run_main, write_stories
-from model import StoryConfig
+from model import TAG_TOKENS, StoryConfig
 from backbones import build_model, load_tokenizer, timm_settings
 from checkpoint import load_model, save_checkpoint
 from cli import UserError
@@ -215,3 +215,63 @@ def test_a_checkpoint_from_before_any_backbone_still_resumes(tiny_checkpoint, tm
     assert train.main(["--preset", "tiny", "--images", str(DATA / "images"), "--stories", str(DATA / "stories.txt"),
                        "--out", str(old), "--device", "cpu", "--resume", str(old)]) == 0
     assert f"{old} has finished all 40 epochs; nothing to resume" in capsys.readouterr().out
+
+
+def test_tags_write_the_encoders_own_imagenet_classes_before_the_story(backbones, tmp_path):
+    """--tags 2: the pretrained timm classifier's two likeliest ImageNet classes, as words after the
+    prefix, in training batches and at generation alike; the classifier is the file's own, frozen."""
+    from timm.data import ImageNetInfo
+
+    import storyteller
+    import training
+    from distributed import Run
+    root, stories = backbones
+    out = tmp_path / "m.pt"
+    train.main(train_args(root, stories, out, "--decoder", root / "llama", "--freeze-decoder", "--encoder",
+                          "timm:test_efficientnet", "--encoder-weights", root / "effnet.pth", "--tags", "2",
+                          "--feature-cache", tmp_path / "cache"))
+    ckpt = torch.load(out, weights_only=True)
+    full = torch.load(root / "effnet.pth", weights_only=True)
+    assert ckpt["config"]["tags"] == 2 and torch.equal(ckpt["model"]["tagger.weight"], full["classifier.weight"])
+    model, tokenizer = load_model(ckpt, where=out)
+    model.eval()
+
+    # The words are the classes timm's own full model finds likeliest for the picture.
+    net = timm.create_model("test_efficientnet")
+    net.load_state_dict(full)
+    pixels = dataset.image_transform(model.config)(dataset.load_image(PHOTO))[None]
+    best = net.eval()(pixels).topk(2).indices[0].tolist()
+    names = [ImageNetInfo().index_to_description(i).split(",")[0] for i in best]
+    [prompt] = storyteller.tag_prompts(model, tokenizer, model.encode(pixels))
+    text = f"Pictured: {names[0]}, {names[1]}.\n"  # (cut at TAG_TOKENS by this tiny tokenizer's many tokens)
+    assert prompt == tokenizer(text, add_special_tokens=False)["input_ids"][:TAG_TOKENS] and names[0] in tokenizer.decode(prompt)
+
+    # Training batches carry the same words, and the decoder reads them: other words, other logits.
+    examples = dataset.read_examples(stories, DATA / "images")
+    features = {name: model.encode(dataset.image_transform(model.config)(dataset.load_image(DATA / "images" / name))[None])[0]
+                for name in {ex.image for ex in examples}}
+    prompts = dict(zip(features, storyteller.tag_prompts(model, tokenizer, torch.stack(list(features.values())))))
+    loader, _ = training.make_loaders(model, tokenizer, examples, Run(torch.device("cpu")), images_dir=DATA / "images", stories_path=stories, batch_size=2, num_workers=0,
+                                      val_split=0, seed=0, features=features, prompts=prompts)
+    batch = next(iter(loader))
+    row = batch["prompt_ids"][0][batch["prompt_mask"][0].bool()].tolist()
+    assert row in prompts.values()
+    with torch.no_grad():
+        logits = model(**batch).logits
+        other = model(**{**batch, "prompt_ids": batch["prompt_ids"].flip(0), "prompt_mask": batch["prompt_mask"].flip(0)}).logits
+    assert not torch.allclose(logits[:, -3:], other[:, -3:])
+    result = run_main("generate.py", PHOTO, "--checkpoint", out, "--strategy", "greedy", "--max-new-tokens", "8")
+    assert result.returncode == 0 and result.stdout.startswith("Generated Story:\n"), result.stderr
+
+
+def test_tags_need_a_pretrained_timm_classifier(backbones, tmp_path):
+    root, stories = backbones
+    with pytest.raises(SystemExit):  # argparse: a ResNet-50 has no timm classifier to read
+        train.parse_args(["--tags", "3", "--encoder", "resnet50"])
+    torch.save({k: v for k, v in torch.load(root / "effnet.pth", weights_only=True).items()
+                if not k.startswith("classifier.")}, tmp_path / "headless.pth")
+    with pytest.raises(UserError, match="have no ImageNet classifier to name what a picture shows"):
+        train.main(train_args(root, stories, tmp_path / "m.pt", "--decoder", root / "llama", "--freeze-decoder",
+                              "--encoder", "timm:test_efficientnet", "--encoder-weights", tmp_path / "headless.pth",
+                              "--tags", "3"))
+    assert not (tmp_path / "m.pt").exists()
