@@ -298,10 +298,10 @@ def build_page(teller: WebStoryteller | None, problem: str | None = None) -> gr.
                                     info="sample: varied; beam and greedy: the most likely words")
                 temperature = gr.Slider(0.1, 2.0, value=d["temperature"], step=0.05, label="Temperature",
                                         info="sample only: higher is wilder")
-                length = gr.Slider(MIN_LENGTH, teller.room, value=min(d["max_new_tokens"], teller.room), step=1,
+                max_tokens = gr.Slider(MIN_LENGTH, teller.room, value=min(d["max_new_tokens"], teller.room), step=1,
                                    label="Max tokens", info="most new tokens per story")
-                story_length = gr.Radio(LENGTHS, value="medium" if lengths else None, label="Story length",
-                                        visible=lengths, info="as learned from the training stories")
+                length = gr.Radio(LENGTHS, value="medium" if lengths else None, label="Story length",
+                                visible=lengths, info="as learned from the training stories")
                 count = gr.Slider(1, MAX_STORIES, value=1, step=1, label="Stories", info="sample or beam")
                 button = gr.Button("Generate", variant="primary")
                 output = gr.Textbox(label="Stories", lines=8, interactive=False, elem_id="stories")
@@ -309,8 +309,8 @@ def build_page(teller: WebStoryteller | None, problem: str | None = None) -> gr.
         # opens it with Pillow, and a file that is not an image would fail there with no clear message.
         # concurrency_limit="default": as many at once as page.queue(default_concurrency_limit=...) says.
         # A model without albums or length control keeps the six inputs API clients already send.
-        extra = [album, story_length] if albums or lengths else []
-        button.click(teller.on_generate, [image, style, strategy, temperature, length, count, *extra], output,
+        extra = [album, length] if albums or lengths else []
+        button.click(teller.on_generate, [image, style, strategy, temperature, max_tokens, count, *extra], output,
                      preprocess=False, concurrency_limit="default")
     return page
 
