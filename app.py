@@ -14,6 +14,7 @@ import gradio as gr
 
 import dataset
 from cli import DataError, UserError, non_negative_int, parse_device, positive_int, run_cli
+from model import LENGTHS
 from storyteller import DEFAULTS, STRATEGIES, Storyteller, add_quantize_arg
 
 SAMPLES = Path(__file__).resolve().parent / "data" / "images"
@@ -101,9 +102,10 @@ class Batcher:
     result, so a slow or broken request never holds up the others' answers for long."""
 
     def __init__(self, decode, max_batch: int):
-        self.decode, self.max_batch = decode, max_batch  # decode(settings, [images]) -> [[stories], ...]
+        self.decode, self.max_batch = decode, max_batch  # decode(settings, [items]) -> [[stories], ...]
         self.ready = threading.Condition()
-        self.waiting = []  # [settings, image, result, error, done] of requests not yet decoded
+        self.waiting = []  # [settings, item, result, error, done] of requests not yet decoded; an item is
+        # an image or an album (a list of images), which Storyteller.stories decodes in one batch alike
         self.busy = False
 
     def __call__(self, settings: tuple, image):
@@ -143,19 +145,20 @@ class WebStoryteller:
         self.model, self.styles, self.room = self.teller.model, self.teller.styles, self.teller.room
         self.batcher = Batcher(self.decode, max_batch)
 
-    def decode(self, settings: tuple, images: list) -> list[list[str]]:
-        """Stories for several RGB PIL images, all with the same settings (see stories)."""
-        style, strategy, temperature, max_new_tokens, num_stories = settings
+    def decode(self, settings: tuple, items: list) -> list[list[str]]:
+        """Stories for several RGB PIL images or albums (lists of them), all with the same settings (see stories)."""
+        style, strategy, temperature, max_new_tokens, num_stories, length = settings
         gen_config = self.teller.settings(strategy=strategy, temperature=temperature, max_new_tokens=max_new_tokens,
                                           num_stories=num_stories)
-        return self.teller.stories(images, gen_config, style)
+        return self.teller.stories(items, gen_config, style, length)
 
     def stories(self, image, style=None, strategy=DEFAULTS["strategy"], temperature=DEFAULTS["temperature"],
-                max_new_tokens=DEFAULTS["max_new_tokens"], num_stories=1) -> list[str]:
-        """Stories about one RGB PIL image, decoded as generate.py does with the same settings."""
-        return self.batcher((style, strategy, temperature, max_new_tokens, num_stories), image)
+                max_new_tokens=DEFAULTS["max_new_tokens"], num_stories=1, length=None) -> list[str]:
+        """Stories about one RGB PIL image, or about an album (a list of them, in order), decoded as
+        generate.py does with the same settings (generate.py --album for an album)."""
+        return self.batcher((style, strategy, temperature, max_new_tokens, num_stories, length), image)
 
-    def settings(self, style, strategy, temperature, max_new_tokens, num_stories) -> tuple:
+    def settings(self, style, strategy, temperature, max_new_tokens, num_stories, length=None) -> tuple:
         """The page's settings, checked: an API client can send any value, not only the sliders' ones."""
         def number(kind, value, low, high, what):
             try:
@@ -172,29 +175,51 @@ class WebStoryteller:
             known = f"this model knows: {', '.join(self.styles)}" if self.styles else "this model has no styles"
             raise gr.Error(f"Unknown style {str(style)[:40]!r}; {known}", print_exception=False)
         temperature = number(float, temperature, *TEMPERATURES, "Temperature")
-        max_new_tokens = number(int, max_new_tokens, MIN_LENGTH, self.room, "Length")
+        if length not in (None, "") and not self.model.config.length_buckets:
+            raise gr.Error("This model was trained without length control (train.py --length-control)",
+                           print_exception=False)
+        if length not in (None, "", *LENGTHS):
+            raise gr.Error(f"Length must be one of {', '.join(LENGTHS)}, got {str(length)[:40]!r}", print_exception=False)
+        max_new_tokens = number(int, max_new_tokens, MIN_LENGTH, self.room, "Max tokens")
         num_stories = number(int, num_stories, 1, MAX_STORIES, "Stories")
         if strategy == "greedy" and num_stories > 1:
             raise gr.Error("Greedy decoding gives one story; choose sample or beam for several.", print_exception=False)
-        return style or None, strategy, temperature, max_new_tokens, num_stories
+        return style or None, strategy, temperature, max_new_tokens, num_stories, length or None
 
-    def on_generate(self, upload, style, strategy, temperature, max_new_tokens, num_stories) -> str:
-        """The Generate button: gradio's record of the uploaded file ({"path", "orig_name", ...}) and
-        the settings in, the stories as text out. A problem the user can fix becomes a message in
-        the page (gr.Error), not a traceback."""
-        path = upload.get("path") if isinstance(upload, dict) else None  # Page checked it is an upload
-        if not isinstance(path, str):
-            raise gr.Error(NO_UPLOAD, print_exception=False)
-        settings = self.settings(style, strategy, temperature, max_new_tokens, num_stories)
+    def load(self, upload):
+        """The RGB PIL image of an upload's record; one line naming the file by the user's name if unreadable."""
+        path = upload["path"]
         name = str(upload.get("orig_name") or Path(path).name)[:200]
         try:
-            image = dataset.load_image(path, self.model.config.resize_size)
+            return dataset.load_image(path, self.model.config.resize_size)
         except Exception as err:  # Pillow raises many types for broken files; each gets one line
             # Described by its real path (describe_image_error looks at the file), shown by the user's name.
             message = dataset.describe_image_error(path, err)
             raise gr.Error(name + message[len(path):], print_exception=False) from None
+
+    def on_generate(self, upload, style, strategy, temperature, max_new_tokens, num_stories, album=None,
+                    length=None) -> str:
+        """The Generate button: gradio's record of the uploaded file ({"path", "orig_name", ...}) and
+        the settings in, the stories as text out. album: the records of an album's files, in upload
+        order, which get one story (and then upload is not used); length: short, medium or long, for
+        a model with length control. A problem the user can fix becomes a message in the page
+        (gr.Error), not a traceback."""
+        def is_upload(record):  # Page checked that every "path" in the request is an upload
+            return isinstance(record, dict) and isinstance(record.get("path"), str)
+        uploads = album if isinstance(album, list) and album else [upload]
+        if not all(is_upload(record) for record in uploads):
+            raise gr.Error(NO_UPLOAD, print_exception=False)
+        settings = self.settings(style, strategy, temperature, max_new_tokens, num_stories, length)
+        if uploads is album:
+            try:  # before any image is read: an album longer than the model learned is refused in one line
+                self.teller.check_album(len(album), "An album")
+            except UserError as err:
+                raise gr.Error(str(err), print_exception=False) from None
+            item = [self.load(record) for record in album]
+        else:
+            item = self.load(upload)
         try:
-            stories = self.stories(image, *settings)
+            stories = self.stories(item, *settings)
         except UserError as err:  # e.g. a style this model does not know
             raise gr.Error(str(err), print_exception=False) from None
         if len(stories) == 1:
@@ -219,9 +244,10 @@ class Page(gr.Blocks):
     the server typed into an API call) gets the same answer as no upload at all.
 
     Gradio records every file it receives (POST /gradio_api/upload) or copies into its cache (the
-    sample images) in temp_file_sets. Each path in a request is looked up there by its string before
-    gradio's own handling of the request, which would look at the file; nothing here touches it,
-    so a FIFO, a symlink out of the upload folder or /etc/passwd is neither opened nor stat'ed."""
+    sample images) in temp_file_sets. Each path in a request (the picture's, and every one of an
+    album's) is looked up there by its string before gradio's own handling of the request, which
+    would look at the file; nothing here touches it, so a FIFO, a symlink out of the upload folder
+    or /etc/passwd is neither opened nor stat'ed."""
 
     async def preprocess_data(self, block_fn, inputs, state, explicit_call=False):
         if not explicit_call:  # a call from this Python process itself (page.fns[0](...)) is trusted
@@ -230,6 +256,13 @@ class Page(gr.Blocks):
             for path in file_paths(inputs):
                 if not isinstance(path, str) or not any(path in files for files in self.temp_file_sets):
                     raise gr.Error(NO_UPLOAD, print_exception=False)
+            for block, value in zip(block_fn.inputs, inputs):  # e.g. a bare path string, not a file record:
+                model = getattr(block, "data_model", None)  # gradio would fail on it with a traceback
+                if model is not None and value is not None:
+                    try:
+                        model.model_validate(value, context={"validate_meta": True})
+                    except ValueError:  # pydantic's ValidationError is one
+                        raise gr.Error(NO_UPLOAD, print_exception=False) from None
         return await super().preprocess_data(block_fn, inputs, state, explicit_call)
 
 
@@ -240,14 +273,24 @@ def build_page(teller: WebStoryteller | None, problem: str | None = None) -> gr.
         if teller is None:
             gr.Markdown(f"# image-to-story\n**The model could not be loaded:** {problem}")
             return page
-        gr.Markdown("# image-to-story\nUpload or drop a picture (or pick a sample below), press **Generate**, "
-                    "read its story.")
+        config = teller.model.config
+        albums, lengths = config.album_slots > 1, bool(config.length_buckets)
+        intro = "Upload or drop a picture (or pick a sample below), press **Generate**, read its story."
+        if albums:
+            intro += (f" Or put up to {config.album_slots} pictures in **Album**, in the order they happen: "
+                      "**Generate** then tells one story about them all.")
+        gr.Markdown(f"# image-to-story\n{intro}")
         d = DEFAULTS
         with gr.Row():
             with gr.Column():
                 image = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"])
                 gr.Examples(sorted(str(p) for p in SAMPLES.glob("*.jpg")), inputs=image, examples_per_page=12,
                             label="Sample images")
+                # Files chosen at once arrive in the order chosen; more can be added after them, and
+                # dragged into another order (allow_reordering). The list shows the order told.
+                album = gr.File(file_count="multiple", file_types=["image"], type="filepath", visible=albums,
+                                allow_reordering=True, elem_id="album",
+                                label=f"Album: up to {config.album_slots} pictures, in story order")
             with gr.Column():
                 style = gr.Dropdown([("none", "")] + [(s, s) for s in teller.styles], value="", label="Style",
                                     visible=bool(teller.styles))
@@ -255,15 +298,19 @@ def build_page(teller: WebStoryteller | None, problem: str | None = None) -> gr.
                                     info="sample: varied; beam and greedy: the most likely words")
                 temperature = gr.Slider(0.1, 2.0, value=d["temperature"], step=0.05, label="Temperature",
                                         info="sample only: higher is wilder")
-                length = gr.Slider(MIN_LENGTH, teller.room, value=min(d["max_new_tokens"], teller.room), step=1,
-                                   label="Length", info="most new tokens per story")
+                max_tokens = gr.Slider(MIN_LENGTH, teller.room, value=min(d["max_new_tokens"], teller.room), step=1,
+                                   label="Max tokens", info="most new tokens per story")
+                length = gr.Radio(LENGTHS, value="medium" if lengths else None, label="Story length",
+                                visible=lengths, info="as learned from the training stories")
                 count = gr.Slider(1, MAX_STORIES, value=1, step=1, label="Stories", info="sample or beam")
                 button = gr.Button("Generate", variant="primary")
                 output = gr.Textbox(label="Stories", lines=8, interactive=False, elem_id="stories")
         # preprocess=False: the handler gets the uploaded file unopened. gr.Image's own preprocessing
         # opens it with Pillow, and a file that is not an image would fail there with no clear message.
         # concurrency_limit="default": as many at once as page.queue(default_concurrency_limit=...) says.
-        button.click(teller.on_generate, [image, style, strategy, temperature, length, count], output,
+        # A model without albums or length control keeps the six inputs API clients already send.
+        extra = [album, length] if albums or lengths else []
+        button.click(teller.on_generate, [image, style, strategy, temperature, max_tokens, count, *extra], output,
                      preprocess=False, concurrency_limit="default")
     return page
 

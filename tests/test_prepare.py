@@ -95,22 +95,28 @@ def vist_file(path):
     annotations = [storylet("45530", p, k, t) for k, (p, t) in enumerate(story_a)]
     annotations = annotations[2:] + annotations[:2]  # the order in the file is not the story's order
     annotations += [storylet("45531", p, k, f"Story two, part {k}.") for k, p in enumerate(["115", "111", "112", "113", "114"])]
+    annotations += [storylet("45532", p, k, f"Story three, part {k}.") for k, p in enumerate(["111", "116", "112", "113", "114"])]
     path.write_text(json.dumps({"images": [], "info": {}, "albums": [], "type_list": [], "annotations": annotations}))
     return path
 
 
-def test_vist_one_story_per_sequence_or_a_sentence_per_image(tmp_path):
+def test_vist_one_story_per_album_or_a_sentence_per_image(tmp_path, capsys):
     sis = vist_file(tmp_path / "val.story-in-sequence.json")
     images = tmp_path / "val"
     images.mkdir()
     for photo in ("111.jpg", "112.jpg", "113.jpg", "114.jpg", "115.png"):  # some VIST photos are not JPEG
         (images / photo).write_bytes(b"")
     assert convert("vist", sis, "--per", "sequence", "--images", images, "--out", tmp_path / "seq.txt") == [
-        ("111.jpg", "We went to the lake. The water was cold. Dad caught a fish. We cooked it. What a day!"),
-        ("115.png", "Story two, part 0. Story two, part 1. Story two, part 2. Story two, part 3. Story two, part 4."),
-    ]  # each story goes with its first photo in the worker's order
+        ("111.jpg|112.jpg|113.jpg|114.jpg|115.png",
+         "We went to the lake. The water was cold. Dad caught a fish. We cooked it. What a day!"),
+        ("115.png|111.jpg|112.jpg|113.jpg|114.jpg",
+         "Story two, part 0. Story two, part 1. Story two, part 2. Story two, part 3. Story two, part 4."),
+    ]  # each story goes with its album of five photos, in the worker's order; story three lacks 116.jpg
+    assert "skipped 1 story whose album has photos not in" in capsys.readouterr().out
+    examples, _ = parse_stories(tmp_path / "seq.txt")
+    assert [len(ex.images) for ex in examples] == [5, 5]  # train.py reads each line as an album of 5
     per_image = convert("vist", sis, "--per", "image", "--out", tmp_path / "img.txt")
-    assert len(per_image) == 10 and per_image[:2] == [("111.jpg", "We went to the lake."), ("112.jpg", "The water was cold.")]
+    assert len(per_image) == 15 and per_image[:2] == [("111.jpg", "We went to the lake."), ("112.jpg", "The water was cold.")]
 
 
 def test_bad_files_are_named_and_nothing_is_written(tmp_path, capsys):
