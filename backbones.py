@@ -325,7 +325,7 @@ def build_model(args, tokenizer, styles=(), album_slots=1, length_buckets=()):
     config = StoryConfig(**image, prefix_length=args.prefix_length, feature_norm=args.feature_norm,
                          prefix_scale=prefix_scale, mapper=args.mapper, mapper_layers=args.mapper_layers,
                          decoder=decoder.to_dict(), lora=lora_config(args, decoder), styles=list(styles),
-                         album_slots=album_slots, length_buckets=list(length_buckets), tags=args.tags,
+                         album_slots=album_slots, length_buckets=list(length_buckets), **tag_settings(args.tags, tokenizer),
                          train_encoder=args.train_encoder, train_decoder=not frozen_decoder)
     model = StoryModel(config, decoder_weights=decoder_weights)
     if clip is not None:
@@ -347,6 +347,24 @@ def build_model(args, tokenizer, styles=(), album_slots=1, length_buckets=()):
     else:  # the library's own pretrained weights
         encoder_source = "timm" if config.encoder.startswith(TIMM) else "imagenet"
     return model, {"encoder": encoder_source, "decoder": decoder_source}
+
+
+# What a decoder with a chat template (an instruct model) is asked before each story when it reads tags.
+TAG_REQUEST = "Write a short story for children, three or four sentences long, about a photo that shows: {tags}."
+
+
+def tag_settings(tags: int, tokenizer) -> dict:
+    """StoryConfig fields of --tags: the words around the class names, and room for them. An instruct
+    decoder is asked in its own chat template (a small one follows that far better than a bare
+    "Pictured: ..." line, measured in docs/backbones.md); any other gets the bare line."""
+    if not tags:
+        return {}
+    template = "Pictured: {tags}.\n"
+    if getattr(tokenizer, "chat_template", None):
+        template = tokenizer.apply_chat_template([{"role": "user", "content": TAG_REQUEST}], add_generation_prompt=True,
+                                                 tokenize=False)
+    words = len(tokenizer(template.replace("{tags}", ""), add_special_tokens=False)["input_ids"])
+    return dict(tags=tags, tag_template=template, tag_tokens=words + 8 * tags)  # (8: a long class name)
 
 
 def timm_settings(name: str) -> dict:

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 import backbones
-from model import TAG_TOKENS, StoryConfig, StoryModel
+from model import StoryConfig, StoryModel
 from cli import UserError
 from files import atomic_write, load_torch_file, os_error
 
@@ -239,7 +239,7 @@ MAX_CONFIG_INT = 2 ** 24  # any integer in a decoder or encoder config dict, che
 SIZE_BOUNDS = {"hidden_size": 65_536, "num_hidden_layers": 1_024, "vocab_size": 4_194_304,
                "max_position_embeddings": MAX_CONFIG_INT, "intermediate_size": 1_048_576}
 IMAGE_SIDE_BOUND = 4_096  # image_size and resize_size, in pixels
-STORY_BOUNDS = {"prefix_length": 4_096, "mapper_layers": 256, "album_slots": 64, "tags": 20}
+STORY_BOUNDS = {"prefix_length": 4_096, "mapper_layers": 256, "album_slots": 64, "tags": 20, "tag_tokens": 1_024}
 
 
 def _first_huge_int(d, trail=""):
@@ -302,6 +302,9 @@ def check_config_sane(config: dict, where="checkpoint") -> None:
     mapper_layers = integer("mapper_layers", 0, STORY_BOUNDS["mapper_layers"])
     album_slots = integer("album_slots", 1, STORY_BOUNDS["album_slots"]) or 1
     integer("tags", 0, STORY_BOUNDS["tags"])
+    tag_tokens = integer("tag_tokens", 0, STORY_BOUNDS["tag_tokens"])
+    if not isinstance(config.get("tag_template", ""), str) or len(config.get("tag_template", "")) > 10_000:
+        refuse("its config has a tag_template that is not a short text")
     buckets = config.get("length_buckets", "tags") or []
     if not isinstance(buckets, list) or (buckets and (len(buckets) != 2 or not all(
             isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= MAX_CONFIG_INT for b in buckets))):
@@ -328,7 +331,7 @@ def check_config_sane(config: dict, where="checkpoint") -> None:
     decoder = sized.get("decoder")
     if decoder is None:
         refuse("its config has no decoder config with a model_type")
-    prefix_tokens = album_slots * prefix_length + bool(styles) + bool(buckets) + TAG_TOKENS * bool(config.get("tags"))
+    prefix_tokens = album_slots * prefix_length + bool(styles) + bool(buckets) + tag_tokens * bool(config.get("tags"))
     if prefix_tokens >= decoder.get("max_position_embeddings", math.inf):
         refuse(f"its image prefix ({prefix_tokens} positions) leaves no room for a story in the decoder's "
                f"context of {decoder['max_position_embeddings']} positions")

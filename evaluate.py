@@ -16,20 +16,20 @@ import json
 import math
 import random
 import sys
-import textwrap
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
 import dataset
 import metrics
 from cli import UserError, non_negative_int, parse_device, positive_int, run_cli
+from figures import draw_curves, draw_sheet, read_metrics_log
 from files import atomic_write
 from dataset import ALBUM
-from storyteller import Storyteller, add_decoding_args, add_quantize_arg, check_decoding_args, decoding, encode_albums
+from storyteller import (Storyteller, add_decoding_args, add_quantize_arg, check_decoding_args, decoding, encode_albums,
+                         tag_prompts)
 from training import metrics_path
 
 CLIP_DEFAULT = "openai/clip-vit-base-patch32"
@@ -118,8 +118,11 @@ def main(argv=None):
     styles = torch.tensor([model.config.style_id(ex.style) if ex.style in known else 0 for ex in examples])
     lengths = torch.tensor([model.config.length_bucket(len(x)) for x in ids])  # as dataset.StoryDataset
     row = {name: i for i, name in enumerate(names)}
+    # A model with tags reads each picture's tag words before its story, as in training.
+    prompts = (tag_prompts(model, tokenizer, torch.stack(features).to(device)) if model.config.tags else None)
     nll, count = story_nll(model, [features[row[ex.image]] for ex in examples], tokens, styles, args.batch_size,
-                           device, tokenizer.pad_token_id, lengths)
+                           device, tokenizer.pad_token_id, lengths,
+                           prompts and [prompts[row[ex.image]] for ex in examples])
     loss = float(nll.sum() / count.sum())
     result = {"reference_loss": loss, "perplexity": math.exp(loss)}
 
@@ -142,7 +145,7 @@ def main(argv=None):
 
     result["fluency_perplexity"] = fluency(model, tokenizer, everything, args.batch_size, device, notes)
     result.update(consistency(model, features, names, examples, tokens, styles, lengths, args, device,
-                              tokenizer.pad_token_id, notes))
+                              tokenizer.pad_token_id, notes, prompts))
     result["clip_score"] = clip_score(args.clip, args.images, names, hypotheses, args.batch_size, device, notes)
 
     print_table(result, notes)
@@ -212,11 +215,12 @@ def fluency(model, tokenizer, stories, batch_size, device, notes) -> float:
 
 
 @torch.no_grad()
-def story_nll(model, features, tokens, styles, batch_size, device, pad_id, lengths=None):
+def story_nll(model, features, tokens, styles, batch_size, device, pad_id, lengths=None, prompts=None):
     """Negative log-likelihood of each story given its features, style id and length bucket, summed
     over its tokens (EOS included), and its token count: (stories,), (stories,). Batched by length.
     features[i]: story i's image, (feature_dim,); or its album, (images, feature_dim), for a model
-    of several album slots. lengths: (stories,) length buckets, for a model with length control."""
+    of several album slots. lengths: (stories,) length buckets, for a model with length control;
+    prompts: each story's tag words (token ids), for a model with tags."""
     nll, count = torch.zeros(len(tokens)), torch.zeros(len(tokens))
     order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))
     for start in range(0, len(order), batch_size):
@@ -234,15 +238,20 @@ def story_nll(model, features, tokens, styles, batch_size, device, pad_id, lengt
             batch, album_mask = padded["features"].to(device), padded["album_mask"].to(device)  # (B, S, D), (B, S)
         style_ids = styles[idx].to(device) if model.config.styles else None
         length_ids = lengths[idx].to(device) if model.config.length_buckets else None
-        # The prefix (images, style, length) comes first: position P-1+t predicts story token t, P-1 = -T-1.
+        words = {}
+        if prompts is not None:
+            prompt_ids, prompt_mask = dataset.left_pad([prompts[i] for i in idx], pad_id)
+            words = dict(prompt_ids=prompt_ids.to(device), prompt_mask=prompt_mask.to(device))
+        # The prefix (images, style, length, tags) comes first: position P-1+t predicts story token t, P-1 = -T-1.
         logits = model(ids, mask, features=batch, style_ids=style_ids, length_ids=length_ids,
-                       album_mask=album_mask).logits[:, -ids.shape[1] - 1:-1]
+                       album_mask=album_mask, **words).logits[:, -ids.shape[1] - 1:-1]
         token_nll = F.cross_entropy(logits.float().transpose(1, 2), ids, reduction="none") * mask  # (B, T)
         nll[idx], count[idx] = token_nll.sum(1).cpu(), mask.sum(1).float().cpu()
     return nll, count
 
 
-def consistency(model, features, names, examples, tokens, styles, lengths, args, device, pad_id, notes) -> dict:
+def consistency(model, features, names, examples, tokens, styles, lengths, args, device, pad_id, notes,
+                prompts=None) -> dict:
     """Does the model prefer each image's own reference stories to the other images' stories?
     A random subset of --rank-images images each scores the reference stories of the whole subset.
     Albums rank among the other albums (and images) of the file the same way, each story given the whole album."""
@@ -256,7 +265,8 @@ def consistency(model, features, names, examples, tokens, styles, lengths, args,
     owner = [position[examples[j].image] for j in stories]
     candidate_tokens, candidate_styles, candidate_lengths = [tokens[j] for j in stories], styles[stories], lengths[stories]
     nll = torch.stack([story_nll(model, [features[i]] * len(stories), candidate_tokens, candidate_styles,
-                                 args.batch_size, device, pad_id, candidate_lengths)[0]
+                                 args.batch_size, device, pad_id, candidate_lengths,
+                                 prompts and [prompts[i]] * len(stories))[0]
                        for i in tqdm(chosen, desc="consistency", leave=False, disable=None)])  # (images, stories)
     ranks = metrics.consistency_ranks(nll, owner)
     candidates = [1 + sum(o != i for o in owner) for i in owner]  # own story + the other images' stories
@@ -341,109 +351,6 @@ def print_table(result, notes):
     for note in notes:
         print(f"note: {note}")
     sys.stdout.flush()
-
-
-# ----------------------------------------------------------------------------- pictures
-
-def pyplot():
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def save_figure(fig, path):
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-    pyplot().close(fig)
-
-
-def draw_sheet(path, items, images_dir, columns=4, width=34, max_lines=9):
-    """items: [(image name or album, story)]. A grid of thumbnails, each with its story wrapped beneath;
-    an album is a strip of its images, in order."""
-    plt = pyplot()
-    texts = []
-    for _, story in items:
-        lines = textwrap.wrap(story, width) or [""]
-        texts.append("\n".join(lines[:max_lines - 1] + [lines[max_lines - 1] + " ..."] if len(lines) > max_lines else lines))
-    text_height = 0.17 * max(t.count("\n") + 1 for t in texts)  # inches for the longest story
-    columns = min(columns, len(items))
-    rows = math.ceil(len(items) / columns)
-    fig, axes = plt.subplots(2 * rows, columns, squeeze=False, figsize=(3 * columns, rows * (2.3 + text_height)),
-                             gridspec_kw={"height_ratios": [2.3, text_height] * rows})
-    for ax in axes.flat:
-        ax.axis("off")
-    for k, ((name, _), text) in enumerate(zip(items, texts)):
-        image_ax, text_ax = axes[2 * (k // columns), k % columns], axes[2 * (k // columns) + 1, k % columns]
-        image = strip([load(images_dir, n, 256) for n in name.split(ALBUM)])
-        image_ax.imshow(image)
-        album = name.split(ALBUM)
-        image_ax.set_title(name if len(album) == 1 else f"{album[0]} + {len(album) - 1} more", fontsize=8)
-        text_ax.text(0, 1, text, va="top", ha="left", fontsize=8, transform=text_ax.transAxes)
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
-def strip(images, size=256):
-    """Thumbnails of at most size x size side by side, top-aligned: an album as one picture."""
-    for image in images:
-        image.thumbnail((size, size))
-    if len(images) == 1:
-        return images[0]
-    gap = size // 32
-    sheet = Image.new("RGB", (sum(im.width for im in images) + gap * (len(images) - 1),
-                              max(im.height for im in images)), "white")
-    x = 0
-    for image in images:
-        sheet.paste(image.convert("RGB"), (x, 0))
-        x += image.width + gap
-    return sheet
-
-
-def read_metrics_log(path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: metrics log not found; train.py writes it beside the checkpoint "
-                        f"(NAME.metrics.jsonl), or pass --metrics-log FILE")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    records = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number < len(lines):  # only the last line may be cut, by a run killed while writing it
-                raise UserError(f"{path}:{number}: not a JSON line; is this a metrics log written by train.py?") from None
-    if not any("train_loss" in r for r in records):
-        raise UserError(f"{path}: no training steps logged; nothing to draw")
-    return records
-
-
-def draw_curves(path, records):
-    """Training loss per step (raw and smoothed), validation loss per epoch, and the learning rate."""
-    plt = pyplot()
-    train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    rates = [(r["step"], r["lr"]) for r in records if "lr" in r]
-    smooth, running = [], None
-    for _, loss in train:  # the same running mean as train.py's progress bar
-        running = loss if running is None else 0.9 * running + 0.1 * loss
-        smooth.append(running)
-    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, sharex=True, figsize=(8, 6), gridspec_kw={"height_ratios": [3, 1]})
-    steps = [s for s, _ in train]
-    ax_loss.plot(steps, [loss for _, loss in train], alpha=0.3, color="C0", label="train loss per step")
-    ax_loss.plot(steps, smooth, color="C0", label="train loss, running mean")
-    if val:
-        ax_loss.plot(*zip(*val), "o-", color="C1", label="validation loss")
-    ax_loss.set_ylabel("loss per token")
-    ax_loss.legend()
-    ax_loss.grid(alpha=0.3)
-    if rates:
-        ax_lr.plot(*zip(*rates), color="C2")
-    ax_lr.set_ylabel("learning rate")
-    ax_lr.set_xlabel("step")
-    ax_lr.grid(alpha=0.3)
-    fig.tight_layout()
-    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ TIMM = "timm:"  # prefix of a timm encoder's name: timm:convnext_tiny
 MAPPERS = ["linear", "mlp", "transformer"]
 LENGTHS = ["short", "medium", "long"]  # the thirds of the training stories' lengths
 IMAGENET_CLASSES = 1000  # what a pretrained encoder's classifier tells apart (tags)
-TAG_TOKENS = 32  # the most tokens the tag words take
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -51,6 +50,8 @@ class StoryConfig:
     # Tags: how many of the encoder's own ImageNet classes (its pretrained classifier's top ones) are
     # written as words after the prefix, so the decoder reads what the picture shows; 0: none.
     tags: int = 0
+    tag_template: str = "Pictured: {tags}.\n"  # the words around the class names; {tags} stands for them
+    tag_tokens: int = 32  # the most tokens the tag words take
     train_encoder: bool = False
     train_decoder: bool = True  # the whole decoder (False with LoRA: only the adapters train)
 
@@ -67,7 +68,7 @@ class StoryConfig:
         """Most positions in front of the story: an image prefix per album slot, then one position for
         the style and one for the length, if the model has them."""
         return (self.album_slots * self.prefix_length + bool(self.styles) + bool(self.length_buckets)
-                + TAG_TOKENS * bool(self.tags))
+                + self.tag_tokens * bool(self.tags))
 
     def length_id(self, length: str | None) -> int:
         """LENGTHS index of the asked-for length; a model with length control writes medium ones unasked."""

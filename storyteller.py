@@ -15,7 +15,7 @@ from transformers import GenerationConfig
 import dataset
 from checkpoint import load_checkpoint, load_model
 from cli import DTYPES, UserError, non_negative_int, pick_device, positive_float, positive_int, top_p_value
-from model import LENGTHS, TAG_TOKENS, decoder_sizes
+from model import LENGTHS, decoder_sizes
 from quantize import METHODS as QUANTIZE_METHODS, quantize_decoder
 
 # The prefix is embeddings, not tokens, so n-gram blocking and the repetition penalty can only look
@@ -120,13 +120,20 @@ def encode_images(model, images) -> torch.Tensor:
 
 
 def tag_prompts(model, tokenizer, features) -> list[list[int]]:
-    """The tag words of each picture, as token ids: "Pictured: tabby cat, tiger cat, Egyptian cat."
-    and a line break, from the encoder's ImageNet classifier (the first name of each class)."""
+    """The tag words of each picture, as token ids: the encoder's ImageNet classifier's likeliest
+    classes (the first name of each: "tabby, tabby cat" is "tabby") in the model's tag_template,
+    fewer of them if they would take more than tag_tokens."""
     from timm.data import ImageNetInfo  # ImageNet's class names, shipped with timm
-    names = ImageNetInfo()
-    texts = ["Pictured: " + ", ".join(names.index_to_description(int(i)).split(",")[0] for i in row) + ".\n"
-             for row in model.tag_classes(features)]
-    return [ids[:TAG_TOKENS] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    info, config = ImageNetInfo(), model.config
+    prompts = []
+    for row in model.tag_classes(features).tolist():
+        names = [info.index_to_description(i).split(",")[0] for i in row]
+        for k in range(len(names), 0, -1):
+            ids = tokenizer(config.tag_template.replace("{tags}", ", ".join(names[:k])), add_special_tokens=False)["input_ids"]
+            if len(ids) <= config.tag_tokens:
+                break
+        prompts.append(ids[-config.tag_tokens:])
+    return prompts
 
 
 @torch.no_grad()
