@@ -52,3 +52,31 @@ def tiny_checkpoint(tmp_path_factory):
 def write_stories(path, lines):
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return path
+
+
+def tiny_train(root, out, *extra):
+    """The tiny preset on root/images + root/stories.txt with a frozen random encoder (its features
+    come from the cache after one encoding), nothing held out."""
+    import train
+    train.main(["--preset", "tiny", "--images", str(root / "images"), "--stories", str(root / "stories.txt"),
+                "--no-train-encoder", "--val-split", "0", "--out", str(out), "--device", "cpu", *extra])
+    return out
+
+
+@pytest.fixture(scope="session")
+def album_checkpoint(tmp_path_factory):
+    """A tiny model trained on 160 synthetic albums of two or three shapes (tests/shapes.py), in
+    root/m.pt beside root/train/ and the feature cache: about 16 s, shared by the album tests."""
+    from shapes import make_albums
+    root = tmp_path_factory.mktemp("albums")
+    make_albums(root / "train", 160, seed=0)
+    return tiny_train(root / "train", root / "m.pt", "--epochs", "18")
+
+
+@pytest.fixture(scope="session")
+def length_checkpoint(tmp_path_factory):
+    """A tiny model trained with --length-control on 150 stories of 1, 2 or 3 sentences (tests/shapes.py)."""
+    from shapes import make_lengths
+    root = tmp_path_factory.mktemp("lengths")
+    make_lengths(root / "train", 150, seed=0)
+    return tiny_train(root / "train", root / "m.pt", "--epochs", "10", "--length-control")

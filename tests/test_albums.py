@@ -6,34 +6,28 @@ from pathlib import Path
 import pytest
 import torch
 
-import train
+import dataset
 from conftest import run_main
 from shapes import COLOURS, album_words, make_albums, make_lengths, sentences
 from storyteller import Storyteller
 
 
-def tiny_train(root, out, *extra):
-    train.main(["--preset", "tiny", "--images", str(root / "images"), "--stories", str(root / "stories.txt"),
-                "--no-train-encoder", "--val-split", "0", "--out", str(out), "--device", "cpu", *extra])
-    return out
-
-
 @pytest.fixture(scope="module")
-def albums(tmp_path_factory):
-    """A tiny model trained on 160 albums of two or three shapes; and 30 albums it never saw."""
-    root = tmp_path_factory.mktemp("albums")
-    make_albums(root / "train", 160, seed=0)
+def albums(album_checkpoint, tmp_path_factory):
+    """The tiny model trained on 160 albums of two or three shapes; and 30 albums it never saw."""
+    root = tmp_path_factory.mktemp("unseen_albums")
     unseen = make_albums(root / "test", 30, seed=1)
-    out = tiny_train(root / "train", root / "m.pt", "--epochs", "18")
+    out = album_checkpoint
     return out, [([str(root / "test" / "images" / n) for n in names], pictures) for names, pictures in unseen]
 
 
 def test_the_feature_cache_holds_each_picture_once(albums):
-    """An album costs no more than its pictures: the cache has one entry per image, not per album."""
+    """An album costs no more than its pictures: the cache has one entry per picture (by its bytes:
+    two identical drawings are one), not per album."""
     checkpoint, _ = albums
     [folder] = (checkpoint.parent / ".cache" / "features").iterdir()
-    pictures = len(list((checkpoint.parent / "train" / "images").glob("*.png")))
-    assert len(list(folder.glob("*.pt"))) == pictures > 160  # 160 albums of 2 or 3 pictures
+    pictures = {dataset.FeatureCache.key(p) for p in (checkpoint.parent / "train" / "images").glob("*.png")}
+    assert {p.stem for p in folder.glob("*.pt")} == pictures and len(pictures) > 160  # 160 albums of 2 or 3
 
 
 def colours_in_place(told, pictures) -> float:
@@ -91,12 +85,11 @@ def test_generate_tells_albums_from_the_command_line_and_from_lists(albums, tmp_
 
 
 @pytest.fixture(scope="module")
-def lengths(tmp_path_factory):
-    """A tiny model trained with --length-control on stories of 1, 2 or 3 sentences; unseen images."""
-    root = tmp_path_factory.mktemp("lengths")
-    make_lengths(root / "train", 150, seed=0)
+def lengths(length_checkpoint, tmp_path_factory):
+    """The tiny model trained with --length-control on stories of 1, 2 or 3 sentences; unseen images."""
+    root = tmp_path_factory.mktemp("unseen_lengths")
     make_lengths(root / "test", 20, seed=1)
-    out = tiny_train(root / "train", root / "m.pt", "--epochs", "10", "--length-control")
+    out = length_checkpoint
     return out, sorted(str(p) for p in (root / "test" / "images").glob("*.png"))
 
 

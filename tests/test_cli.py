@@ -107,7 +107,7 @@ def test_bad_data_is_reported_before_training_and_nothing_is_written(tmp_path):
     stories = tmp_path / "s.txt"
     stories.write_text("day_grass_tree.jpg\tFine.\nmissing.jpg\tGone.\nno tab\n")
     out = tmp_path / "m.pt"
-    result = run_script("train.py", "--preset", "tiny", "--images", DATA / "images", "--stories", stories, "--out", out)
+    result = run_main("train.py", "--preset", "tiny", "--images", DATA / "images", "--stories", stories, "--out", out)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"{stories}:2:" in result.stderr and f"{stories}:3:" in result.stderr
     assert not out.exists()

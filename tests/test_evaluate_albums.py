@@ -9,26 +9,18 @@ import torch
 from PIL import Image
 
 import dataset
-import train
 from conftest import run_main, write_stories
 from shapes import make_albums, make_lengths, sentences
 from storyteller import Storyteller, encode_albums
 
 
-def tiny_train(root, out, *extra):
-    train.main(["--preset", "tiny", "--images", str(root / "images"), "--stories", str(root / "stories.txt"),
-                "--no-train-encoder", "--val-split", "0", "--out", str(out), "--device", "cpu", *extra])
-    return out
-
-
 @pytest.fixture(scope="module")
-def album_model(tmp_path_factory):
-    """A tiny model trained on albums of two or three shapes; and a stories file of 12 albums it never
+def album_model(album_checkpoint, tmp_path_factory):
+    """The tiny model trained on albums of two or three shapes; and a stories file of 12 albums it never
     saw, of one, two or three pictures, with their images folder."""
     root = tmp_path_factory.mktemp("eval_albums")
-    make_albums(root / "train", 160, seed=0)
     make_albums(root / "test", 12, seed=1, sizes=(1, 2, 3))
-    return tiny_train(root / "train", root / "m.pt", "--epochs", "18"), root / "test"
+    return album_checkpoint, root / "test"
 
 
 def reference_loss(checkpoint, images, examples, length_ids=None):
@@ -103,11 +95,10 @@ def test_length_on_a_model_without_length_control_is_one_line(album_model, tmp_p
     assert not (tmp_path / "m.json").exists()
 
 
-def test_length_sets_the_stories_told_not_how_the_references_are_scored(tmp_path):
+def test_length_sets_the_stories_told_not_how_the_references_are_scored(length_checkpoint, tmp_path):
     root = tmp_path
-    make_lengths(root / "train", 150, seed=0)
     make_lengths(root / "test", 12, seed=1)
-    checkpoint = tiny_train(root / "train", root / "m.pt", "--epochs", "6", "--length-control")
+    checkpoint = length_checkpoint
     reports = {}
     for length in ("short", "long"):
         out = tmp_path / f"{length}.json"

@@ -35,7 +35,7 @@ def test_feature_cache_encodes_each_image_once_and_never_serves_a_stale_one(tmp_
     cache = tmp_path / "cache"
     encoded = []
     real_encode = StoryModel.encode
-    monkeypatch.setattr(StoryModel, "encode", lambda self, x: encoded.append(len(x)) or real_encode(self, x))
+    monkeypatch.setattr(StoryModel, "encode", lambda self, x, *mask: encoded.append(len(x)) or real_encode(self, x, *mask))
     run = lambda *extra: tiny_run(tmp_path, stories, "--no-train-encoder", "--feature-cache", str(cache), *extra,
                                   images=images)
 
