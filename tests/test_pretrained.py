@@ -5,7 +5,7 @@ import torch
 import torchvision
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from conftest import DATA, run_main, run_script, write_stories
+from conftest import DATA, run_main, run_scripts_together, write_stories
 from backbones import load_tokenizer, train_tokenizer
 from cli import UserError
 
@@ -37,21 +37,21 @@ def test_train_and_generate_from_local_gpt2_and_resnet50_files(tmp_path):
     assert result.stdout.startswith("Generated Story:\n")
 
 
-def test_missing_weights_offline_stop_with_the_ways_out(tmp_path):
-    env = {"HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch"), "HF_HUB_OFFLINE": "1"}
+def test_missing_weights_offline_or_an_unreachable_hub_stop_at_once_with_the_ways_out(tmp_path):
+    """`python train.py` (GPT-2 and ResNet-50 from the hub) with empty caches, in two processes at once:
+    marked offline; and not marked offline, but the hub's name does not resolve (one line, not a
+    minute of retries)."""
+    offline = {"HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch"), "HF_HUB_OFFLINE": "1"}
+    unreachable = {"HF_HOME": str(tmp_path / "hf2"), "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0",
+                   "HF_ENDPOINT": "https://hub.invalid"}
     out = tmp_path / "m.pt"
-    result = run_script("train.py", "--out", out, env=env, timeout=120)
+    result, unreached = run_scripts_together((["train.py", "--out", out], offline),
+                                             (["train.py", "--out", tmp_path / "m2.pt"], unreachable), timeout=120)
     assert result.returncode == 2
     assert "--decoder DIR" in result.stderr and "--preset tiny" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not out.exists()
-
-
-def test_an_unreachable_hub_stops_at_once_without_retries(tmp_path):
-    """Not marked offline, but the hub's name does not resolve: one line, not a minute of retries."""
-    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0",
-           "HF_ENDPOINT": "https://hub.invalid"}
-    result = run_script("train.py", "--out", tmp_path / "m.pt", env=env, timeout=60)
+    result = unreached
     assert result.returncode == 2 and "Retrying" not in result.stderr
     assert result.stderr.strip().splitlines() == [
         "error: cannot load the tokenizer of 'gpt2': not in the Hugging Face cache and the hub is not reachable; "
