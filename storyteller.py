@@ -5,6 +5,7 @@ transformers' generate and formatted. generate.py, app.py and evaluate.py use it
     teller = Storyteller("vlm_model.pt")
     print(teller.tell("data/images/photo_rocket.jpg"))
 """
+import functools
 import json
 import warnings
 
@@ -119,12 +120,18 @@ def encode_images(model, images) -> torch.Tensor:
     return model.encode(pixels.contiguous(memory_format=torch.channels_last))  # the CNN's fastest layout
 
 
+@functools.cache
+def imagenet_info():
+    """ImageNet's class names, shipped with timm (read once)."""
+    from timm.data import ImageNetInfo
+    return ImageNetInfo()
+
+
 def tag_prompts(model, tokenizer, features) -> list[list[int]]:
     """The tag words of each picture, as token ids: the encoder's ImageNet classifier's likeliest
     classes (the first name of each: "tabby, tabby cat" is "tabby") in the model's tag_template,
     fewer of them if they would take more than tag_tokens."""
-    from timm.data import ImageNetInfo  # ImageNet's class names, shipped with timm
-    info, config = ImageNetInfo(), model.config
+    info, config = imagenet_info(), model.config
     prompts = []
     for row in model.tag_classes(features).tolist():
         names = [info.index_to_description(i).split(",")[0] for i in row]
@@ -241,6 +248,10 @@ class Storyteller:
         """An image file as the model sees it: upright RGB, at least the model's input size."""
         return dataset.load_image(path, self.model.config.resize_size)
 
+    def picture(self, image):
+        """A PIL image as RGB, or the image file at a path loaded."""
+        return image.convert("RGB") if isinstance(image, Image.Image) else self.load_image(image)
+
     def tell(self, images, album=False, style=None, length=None, batch_size=8, seed=None, **decoding):
         """Stories about an image (a path or a PIL image) or a list of them; album=True tells one story
         about the list's images, in order. keywords: generate.py's decoding flags (strategy="beam",
@@ -248,14 +259,15 @@ class Storyteller:
         One image or album gives its story (a list of them with num_stories > 1); a list gives one such per image."""
         single = album or not isinstance(images, (list, tuple))
         images = [images] if not isinstance(images, (list, tuple)) else list(images)
-        pictures = [im.convert("RGB") if isinstance(im, Image.Image) else self.load_image(im) for im in images]
-        items = [pictures] if album else pictures
+        items = [images] if album else images
         gen_config = self.settings(**decoding)
         self.check_style(style, length)
         if seed is not None:
             torch.manual_seed(seed)
         told = []
-        for start in range(0, len(items), batch_size):
-            told += self.stories(items[start:start + batch_size], gen_config, style, length)
+        for start in range(0, len(items), batch_size):  # images are read a batch at a time
+            batch = [[self.picture(im) for im in item] if album else self.picture(item)
+                     for item in items[start:start + batch_size]]
+            told += self.stories(batch, gen_config, style, length)
         told = [stories[0] if gen_config.num_return_sequences == 1 else stories for stories in told]
         return told[0] if single else told
