@@ -217,6 +217,26 @@ def test_a_checkpoint_from_before_any_backbone_still_resumes(tiny_checkpoint, tm
     assert f"{old} has finished all 40 epochs; nothing to resume" in capsys.readouterr().out
 
 
+def test_a_checkpoint_from_before_albums_lengths_and_tags_tells_the_same_story_and_resumes(tiny_checkpoint, tmp_path,
+                                                                                          capsys):
+    """Checkpoints saved before albums, length control and tags have none of their config keys or
+    flags: they load (the untrusted-config check once refused them), tell the same story, and resume."""
+    from storyteller import Storyteller
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    for key in ("album_slots", "length_buckets", "tags", "tag_template", "tag_tokens"):
+        del ckpt["config"][key]
+    for key in ("length_control", "length_buckets", "tags"):
+        del ckpt["train"]["args"][key]
+    old = tmp_path / "old.pt"
+    save_checkpoint(ckpt, old)
+    picture = DATA / "images" / "day_grass_house.jpg"
+    told = Storyteller(old, "cpu").tell(picture, strategy="greedy")
+    assert told == Storyteller(tiny_checkpoint, "cpu").tell(picture, strategy="greedy") and len(told.split()) >= 3
+    assert train.main(["--preset", "tiny", "--images", str(DATA / "images"), "--stories", str(DATA / "stories.txt"),
+                       "--out", str(old), "--device", "cpu", "--resume", str(old)]) == 0
+    assert f"{old} has finished all 40 epochs; nothing to resume" in capsys.readouterr().out
+
+
 def test_tags_write_the_encoders_own_imagenet_classes_before_the_story(backbones, tmp_path):
     """--tags 2: the pretrained timm classifier's two likeliest ImageNet classes, as words after the
     prefix, in training batches and at generation alike; the classifier is the file's own, frozen."""
