@@ -191,7 +191,7 @@ class WebStoryteller:
         path = upload["path"]
         name = str(upload.get("orig_name") or Path(path).name)[:200]
         try:
-            return dataset.load_image(path, self.model.config.resize_size)
+            return self.teller.load_image(path)
         except Exception as err:  # Pillow raises many types for broken files; each gets one line
             # Described by its real path (describe_image_error looks at the file), shown by the user's name.
             message = dataset.describe_image_error(path, err)
@@ -299,9 +299,9 @@ def build_page(teller: WebStoryteller | None, problem: str | None = None) -> gr.
                 temperature = gr.Slider(0.1, 2.0, value=d["temperature"], step=0.05, label="Temperature",
                                         info="sample only: higher is wilder")
                 max_tokens = gr.Slider(MIN_LENGTH, teller.room, value=min(d["max_new_tokens"], teller.room), step=1,
-                                   label="Max tokens", info="most new tokens per story")
+                                       label="Max tokens", info="most new tokens per story")
                 length = gr.Radio(LENGTHS, value="medium" if lengths else None, label="Story length",
-                                visible=lengths, info="as learned from the training stories")
+                                  visible=lengths, info="as learned from the training stories")
                 count = gr.Slider(1, MAX_STORIES, value=1, step=1, label="Stories", info="sample or beam")
                 button = gr.Button("Generate", variant="primary")
                 output = gr.Textbox(label="Stories", lines=8, interactive=False, elem_id="stories")

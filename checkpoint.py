@@ -5,7 +5,6 @@ import glob
 import math
 import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torch.distributed as dist
 import backbones
 from model import StoryConfig, StoryModel
 from cli import UserError
-from files import atomic_write, load_torch_file, os_error
+from files import atomic_write, load_torch_file, os_error, temp_file_beside
 
 CHECKPOINT_FORMAT = 1
 # Settings that shape the result: a resumed run must use the same ones as the run that saved it.
@@ -71,7 +70,6 @@ def load_checkpoint(path) -> dict:
     if wrong:
         raise UserError(f"{path}: incomplete checkpoint ({', '.join(wrong)} missing or malformed); re-train it")
     return ckpt
-
 
 
 def stored_state(model, sources: dict) -> dict:
@@ -221,7 +219,7 @@ def check_writable(path):
         folder.mkdir(parents=True, exist_ok=True)  # --out runs/today/model.pt makes runs/today
         for leftover in folder.glob(f".{glob.escape(Path(path).name)}.*.tmp"):
             leftover.unlink(missing_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{Path(path).name}.", suffix=".tmp", dir=folder)
+        fd, tmp = temp_file_beside(Path(path))  # the file a save writes first
         os.close(fd)
         os.unlink(tmp)
     except OSError as err:
@@ -229,7 +227,6 @@ def check_writable(path):
 
 
 # ----------------------------------------------------------------------------- untrusted configs
-
 
 # A checkpoint is data from anywhere: its config must not make this code allocate without bound.
 # 10 billion parameters is 40 GB of float32 weights, far beyond any model this repo trains; the

@@ -69,7 +69,6 @@ def parse_device(value: str) -> str:
     return value
 
 
-
 def checked_number(kind, value, ok, allowed):
     """An argparse type: value converted by kind and checked by ok, or refused naming the allowed range."""
     try:
@@ -99,7 +98,6 @@ def non_negative_float(value):
 
 def fraction(value):
     return checked_number(float, value, lambda x: 0 <= x < 1, "in [0, 1)")
-
 
 
 def top_p_value(value):

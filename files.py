@@ -94,5 +94,3 @@ def atomic_write(path, mode: str = "w", what: str = "here", fix: str = "choose a
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-

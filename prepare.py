@@ -31,7 +31,7 @@ import weights
 from cli import DataError, UserError, parse_device, run_cli
 from files import atomic_write
 
-ALBUM = "|"  # dataset.ALBUM, which joins an album's image names; not imported, so prepare.py needs no torch
+ALBUM = "|"  # dataset.ALBUM, which joins an album's image names (not imported: dataset.py loads torchvision)
 MAX_PROBLEMS = 10  # a broken file is reported by its first few bad lines, not all of them
 LOCAL_WRITER = f"weights/{weights.LM_DIR}"
 HUB_WRITER = "HuggingFaceTB/SmolLM2-135M-Instruct"

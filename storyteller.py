@@ -262,6 +262,8 @@ class Storyteller:
         items = [images] if album else images
         gen_config = self.settings(**decoding)
         self.check_style(style, length)
+        if album:  # before any image is read
+            self.check_album(len(images))
         if seed is not None:
             torch.manual_seed(seed)
         told = []

@@ -207,8 +207,7 @@ def parse_args(argv=None):
     return args
 
 
-
-def tag_prompts(model, tokenizer, examples, features, args) -> dict:
+def tag_prompts(model, tokenizer, features, args) -> dict:
     """{image name: its tag words' token ids}, from the cached features of a frozen encoder."""
     if features is None:
         raise UserError("--tags reads the image features from the feature cache; drop --no-feature-cache or use --tags 0")
@@ -249,7 +248,6 @@ def resume_command(argv, out, world_size) -> str:
     return shlex.join([*launcher, "train.py", *kept, "--resume", str(out)])
 
 
-
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
@@ -286,7 +284,7 @@ def main(argv=None):
         cache_dir = None if args.no_feature_cache else args.feature_cache or Path(args.out).parent / ".cache" / "features"
         features = training.cached_features(model, examples, run, images_dir=args.images, cache_dir=cache_dir,
                                             dtype=args.dtype, batch_size=args.batch_size, num_workers=args.num_workers)
-        prompts = tag_prompts(model, tokenizer, examples, features, args) if model.config.tags else None
+        prompts = tag_prompts(model, tokenizer, features, args) if model.config.tags else None
         loader, val_loader = training.make_loaders(model, tokenizer, examples, run, images_dir=args.images,
                                                    stories_path=args.stories, batch_size=args.batch_size,
                                                    num_workers=args.num_workers, val_split=args.val_split,
