@@ -145,18 +145,24 @@ class WebStoryteller:
         self.model, self.styles, self.room = self.teller.model, self.teller.styles, self.teller.room
         self.batcher = Batcher(self.decode, max_batch)
 
-    def decode(self, settings: tuple, items: list) -> list[list[str]]:
-        """Stories for several RGB PIL images or albums (lists of them), all with the same settings (see stories)."""
+    def decode(self, settings: tuple, items: list) -> list[tuple[list[str], list | None]]:
+        """Stories for several RGB PIL images or albums (lists of them), all with the same settings (see
+        stories), each with its picture's tags (None for a model without tags)."""
         style, strategy, temperature, max_new_tokens, num_stories, length = settings
         gen_config = self.teller.settings(strategy=strategy, temperature=temperature, max_new_tokens=max_new_tokens,
                                           num_stories=num_stories)
-        return self.teller.stories(items, gen_config, style, length)
+        return list(zip(*self.teller.stories_and_tags(items, gen_config, style, length)))
 
-    def stories(self, image, style=None, strategy=DEFAULTS["strategy"], temperature=DEFAULTS["temperature"],
-                max_new_tokens=DEFAULTS["max_new_tokens"], num_stories=1, length=None) -> list[str]:
+    def told(self, image, style=None, strategy=DEFAULTS["strategy"], temperature=DEFAULTS["temperature"],
+             max_new_tokens=DEFAULTS["max_new_tokens"], num_stories=1, length=None) -> tuple[list[str], list | None]:
         """Stories about one RGB PIL image, or about an album (a list of them, in order), decoded as
-        generate.py does with the same settings (generate.py --album for an album)."""
+        generate.py does with the same settings (generate.py --album for an album), and the picture's
+        tags as the decoder read them: [(name, probability), ...], or None for a model without tags."""
         return self.batcher((style, strategy, temperature, max_new_tokens, num_stories, length), image)
+
+    def stories(self, image, *settings, **named) -> list[str]:
+        """The stories of told."""
+        return self.told(image, *settings, **named)[0]
 
     def settings(self, style, strategy, temperature, max_new_tokens, num_stories, length=None) -> tuple:
         """The page's settings, checked: an API client can send any value, not only the sliders' ones."""
@@ -219,12 +225,13 @@ class WebStoryteller:
         else:
             item = self.load(upload)
         try:
-            stories = self.stories(item, *settings)
+            stories, tags = self.told(item, *settings)
         except UserError as err:  # e.g. a style this model does not know
             raise gr.Error(str(err), print_exception=False) from None
-        if len(stories) == 1:
-            return stories[0]
-        return "\n\n".join(f"{k}. {story}" for k, story in enumerate(stories, start=1))
+        text = stories[0] if len(stories) == 1 else "\n\n".join(f"{k}. {s}" for k, s in enumerate(stories, start=1))
+        if tags:  # what the model read the picture shows, under the story
+            text += "\n\nWhat it saw: " + ", ".join(f"{name} ({p:.0%})" for name, p in tags)
+        return text
 
 
 def file_paths(value):

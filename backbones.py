@@ -153,9 +153,10 @@ def load_tokenizer(name_or_dir: str):
     return tokenizer
 
 
-def load_resnet50_weights(encoder: torch.nn.Module, weights_file=None) -> None:
+def load_resnet50_weights(encoder: torch.nn.Module, weights_file=None) -> dict:
     """ImageNet weights into a ResNet-50 built by model.build_encoder: from weights_file (a
-    state_dict saved with torch.save) or through torchvision's weights API and its cache."""
+    state_dict saved with torch.save) or through torchvision's weights API and its cache. Returns its
+    ImageNet classifier's tensors ({"weight", "bias"} of fc), or {} when the weights have none: the tags' classifier."""
     from torchvision.models import ResNet50_Weights
     if weights_file is not None:
         try:
@@ -176,11 +177,13 @@ def load_resnet50_weights(encoder: torch.nn.Module, weights_file=None) -> None:
                             + OFFLINE_HINT.format(flag="--encoder-weights FILE")) from None
     if not isinstance(state, dict):
         raise UserError(f"{weights_file}: expected a ResNet-50 state_dict")
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the classifier is dropped
+    head = {k.removeprefix("fc."): v for k, v in state.items() if k in ("fc.weight", "fc.bias")}
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the encoder has no classifier
     try:
         encoder.load_state_dict(state)
     except RuntimeError as err:
         raise UserError(f"{weights_file}: not ResNet-50 weights ({str(err).splitlines()[0][:200]})") from None
+    return head if set(head) == {"weight", "bias"} else {}
 
 
 def check_timm_name(name: str, where: str | None = None) -> None:
@@ -240,12 +243,11 @@ def load_timm_weights(encoder: torch.nn.Module, name: str, weights_file=None) ->
 
 
 def load_encoder_weights(encoder: torch.nn.Module, encoder_name: str, weights_file=None) -> dict:
-    """Pretrained weights into a frozen or starting encoder: ResNet-50 or a timm model. Returns a timm
-    model's classifier tensors (see load_timm_weights), {} for ResNet-50."""
+    """Pretrained weights into a frozen or starting encoder: ResNet-50 or a timm model. Returns the
+    weights' ImageNet classifier tensors ({"weight", "bias"}), or {} where they have none."""
     if encoder_name.startswith("timm:"):
         return load_timm_weights(encoder, encoder_name.removeprefix("timm:"), weights_file)
-    load_resnet50_weights(encoder, weights_file)
-    return {}
+    return load_resnet50_weights(encoder, weights_file)
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -325,7 +327,7 @@ def build_model(args, tokenizer, styles=(), album_slots=1, length_buckets=()):
     config = StoryConfig(**image, prefix_length=args.prefix_length, feature_norm=args.feature_norm,
                          prefix_scale=prefix_scale, mapper=args.mapper, mapper_layers=args.mapper_layers,
                          decoder=decoder.to_dict(), lora=lora_config(args, decoder), styles=list(styles),
-                         album_slots=album_slots, length_buckets=list(length_buckets), **tag_settings(args.tags, tokenizer),
+                         album_slots=album_slots, length_buckets=list(length_buckets), **tag_settings(args.tags, tokenizer, args.tag_min_prob),
                          train_encoder=args.train_encoder, train_decoder=not frozen_decoder)
     model = StoryModel(config, decoder_weights=decoder_weights)
     if clip is not None:
@@ -335,7 +337,7 @@ def build_model(args, tokenizer, styles=(), album_slots=1, length_buckets=()):
         if model.tagger is not None:
             if head.get("weight") is None or tuple(head["weight"].shape) != tuple(model.tagger.weight.shape):
                 raise UserError(f"--tags: the weights of {args.encoder} have no ImageNet classifier to name what "
-                                f"a picture shows; use a timm encoder pretrained on ImageNet-1k, or --tags 0")
+                                f"a picture shows; use weights pretrained on ImageNet-1k with their classifier, or --tags 0")
             model.tagger.load_state_dict(head)
     # A frozen pretrained part is not stored in the checkpoint: generate.py reloads it from here.
     if args.train_encoder or config.encoder == "resnet-tiny":
@@ -349,11 +351,13 @@ def build_model(args, tokenizer, styles=(), album_slots=1, length_buckets=()):
     return model, {"encoder": encoder_source, "decoder": decoder_source}
 
 
+# A class after the first is named only this sure (StoryConfig.tag_min_prob): measured in docs/backbones.md.
+TAG_MIN_PROB = 0.0
 # What a decoder with a chat template (an instruct model) is asked before each story when it reads tags.
 TAG_REQUEST = "Write a short story for children, three or four sentences long, about a photo that shows: {tags}."
 
 
-def tag_settings(tags: int, tokenizer) -> dict:
+def tag_settings(tags: int, tokenizer, min_prob: float = 0.0) -> dict:
     """StoryConfig fields of --tags: the words around the class names, and room for them. An instruct
     decoder is asked in its own chat template (a small one follows that far better than a bare
     "Pictured: ..." line, measured in docs/backbones.md); any other gets the bare line."""
@@ -364,7 +368,8 @@ def tag_settings(tags: int, tokenizer) -> dict:
         template = tokenizer.apply_chat_template([{"role": "user", "content": TAG_REQUEST}], add_generation_prompt=True,
                                                  tokenize=False)
     words = len(tokenizer(template.replace("{tags}", ""), add_special_tokens=False)["input_ids"])
-    return dict(tags=tags, tag_template=template, tag_tokens=words + 8 * tags)  # (8: a long class name)
+    return dict(tags=tags, tag_template=template, tag_tokens=words + 8 * tags,  # (8: a long class name)
+                tag_min_prob=min_prob)
 
 
 def timm_settings(name: str) -> dict:

@@ -302,6 +302,9 @@ def check_config_sane(config: dict, where="checkpoint") -> None:
     tag_tokens = integer("tag_tokens", 0, STORY_BOUNDS["tag_tokens"])
     if not isinstance(config.get("tag_template", ""), str) or len(config.get("tag_template", "")) > 10_000:
         refuse("its config has a tag_template that is not a short text")
+    min_prob = config.get("tag_min_prob", 0.0)
+    if isinstance(min_prob, bool) or not isinstance(min_prob, (int, float)) or not 0 <= min_prob <= 1:
+        refuse(f"its config has tag_min_prob = {str(min_prob)[:40]}, not a probability")
     buckets = config.get("length_buckets") or []  # (absent from checkpoints older than length control)
     if not isinstance(buckets, list) or (buckets and (len(buckets) != 2 or not all(
             isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= MAX_CONFIG_INT for b in buckets))):

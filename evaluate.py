@@ -29,7 +29,7 @@ from figures import draw_curves, draw_sheet, read_metrics_log
 from files import atomic_write
 from dataset import ALBUM
 from storyteller import (Storyteller, add_decoding_args, add_quantize_arg, check_decoding_args, decoding, encode_albums,
-                         tag_prompts)
+                         picture_tags, tag_prompts)
 from training import metrics_path
 
 CLIP_DEFAULT = "openai/clip-vit-base-patch32"
@@ -102,12 +102,14 @@ def main(argv=None):
     room = teller.room
     gen_config = teller.settings(**decoding(args))
     torch.manual_seed(args.seed)
-    generated, features = {}, []
+    generated, features, tags = {}, [], {}
     for start in tqdm(range(0, len(names), args.batch_size), desc="generating", leave=False, disable=None):
         chunk = names[start:start + args.batch_size]
         pictures = [[load(args.images, n, model.config.resize_size) for n in name.split(ALBUM)] for name in chunk]
         batch, album_mask = encode_albums(model, pictures)  # (B, D) and None, or (B, S, D) and (B, S)
-        generated.update(zip(chunk, teller.from_features(batch, gen_config, args.style, args.length, album_mask)))
+        read = picture_tags(model, batch) if model.config.tags else None  # what the decoder reads each one shows
+        tags.update(zip(chunk, read or []))
+        generated.update(zip(chunk, teller.from_features(batch, gen_config, args.style, args.length, album_mask, read)))
         batch = batch.float().cpu()
         features += list(batch) if album_mask is None else [row[mask] for row, mask in zip(batch, album_mask.cpu())]
 
@@ -137,6 +139,8 @@ def main(argv=None):
     everything = [story for name in names for story in generated[name]]
     result["distinct_1"], result["distinct_2"] = metrics.distinct_n(everything, 1), metrics.distinct_n(everything, 2)
     result["unique_stories"] = len(set(hypotheses)) / len(hypotheses)
+    if tags:  # does a story tell of what its picture shows, by the tags' own words
+        result["tag_use"] = metrics.tag_use(hypotheses, [[name for name, _ in tags[name]] for name in names])
     if args.num_stories > 1:
         for n in (1, 2):
             result[f"distinct_{n}_within_image"] = sum(metrics.distinct_n(generated[name], n) for name in names) / len(names)
@@ -154,7 +158,9 @@ def main(argv=None):
                            "reference_stories": len(examples),
                            "decoding": {k: getattr(gen_config, k) for k in sorted(DECODING_KEYS)},
                            "strategy": args.strategy, "seed": args.seed, "style": args.style, "length": args.length},
-              "stories": generated}
+              "stories": generated,
+              **({"tags": {name: [{"name": t, "p": round(p, 4)} for t, p in read] for name, read in tags.items()}}
+                 if tags else {})}
     with atomic_write(args.out) as f:
         json.dump(report, f, indent=1, ensure_ascii=False)
     print(f"wrote {args.out}")
@@ -167,7 +173,7 @@ def main(argv=None):
 
 
 DECODING_KEYS = {"do_sample", "num_beams", "top_k", "top_p", "temperature", "repetition_penalty",
-                 "no_repeat_ngram_size", "max_new_tokens", "num_return_sequences"}
+                 "no_repeat_ngram_size", "max_new_tokens", "num_return_sequences", "tag_bias"}
 
 
 def load(images_dir, name, min_side):
@@ -334,6 +340,7 @@ TABLE = [  # key, label, format
     ("distinct_1_within_image", "distinct-1 within an image", "{:.3f}"),
     ("distinct_2_within_image", "distinct-2 within an image", "{:.3f}"),
     ("unique_stories", "unique stories / images", "{:.3f}"),
+    ("tag_use", "tag use: stories naming a tag", "{:.3f}"),
     ("fluency_perplexity", "fluency: decoder perplexity, no image", "{:.2f}"),
     ("consistency_recall_at_1", "consistency recall@1", "{:.3f}"),
     ("consistency_mean_rank", "consistency mean rank", "{:.2f}"),

@@ -36,7 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=positive_int, default=8, help="images encoded and decoded together (default: %(default)s)")
     p.add_argument("--style", help="style of the stories, for a model trained with a style column (default: no style)")
     p.add_argument("--json", action="store_true",
-                   help='print one JSON object per story: {"image": ..., "story": ...}, or {"images": [...], ...} for an album')
+                   help='print one JSON object per story: {"image": ..., "story": ...}, or {"images": [...], ...} for an album; '
+                        'a model with tags adds "tags": [{"name": ..., "p": ...}], what it read the picture shows')
     p.add_argument("--dtype", choices=list(DTYPES), default="float32",
                    help="precision of the weights while generating: bfloat16 halves the memory and is faster on "
                         "GPUs and on CPUs with AMX or AVX512-BF16 (default: %(default)s)")
@@ -108,8 +109,8 @@ def main(argv=None):
                 continue
             done.append(item)
             pictures.append(loaded if isinstance(item, list) else loaded[0])
-        for item, stories in zip(done, teller.stories(pictures, gen_config, args.style, args.length)):
-            tqdm.write(format_stories(item, stories, args.json, several=len(items) > 1), file=sys.stdout)
+        for item, stories, tags in zip(done, *teller.stories_and_tags(pictures, gen_config, args.style, args.length)):
+            tqdm.write(format_stories(item, stories, args.json, several=len(items) > 1, tags=tags), file=sys.stdout)
         sys.stdout.flush()
         bar.update(len(items[start:start + args.batch_size]))
     bar.close()

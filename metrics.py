@@ -1,6 +1,6 @@
 """Caption and story metrics, offline: BLEU-4 through sacrebleu; ROUGE-L and CIDEr-D in plain
 Python as the COCO caption toolkit (tylin/coco-caption, pycocoevalcap) defines them; distinct-n;
-and the ranks of evaluate.py's image-story consistency check.
+the ranks of evaluate.py's image-story consistency check; and the tag-use rate.
 
 ROUGE-L and CIDEr-D compare lowercase words with punctuation dropped (`words`), which is what the
 toolkit's Java PTB tokenizer produces for plain English apart from details such as "dog's" (one
@@ -127,3 +127,15 @@ def consistency_ranks(nll: torch.Tensor, owner: list[int]) -> list[int]:
         others = owner != i
         ranks.append(1 + int((pmi[i, others] > pmi[i, j]).sum()))
     return ranks
+
+
+def names_a_tag(story: str, tags: list[str]) -> bool:
+    """Does the story say a word (of 3 letters or more) of one of its picture's tag names, or its plural?
+    "A tabby cat ..." and "two cats" both name the tag "tabby cat"."""
+    said = set(words(story))
+    return any(w in said or w + "s" in said or w + "es" in said for tag in tags for w in words(tag) if len(w) >= 3)
+
+
+def tag_use(stories: list[str], tags: list[list[str]]) -> float:
+    """The fraction of stories that name one of their picture's tags (names_a_tag)."""
+    return sum(map(names_a_tag, stories, tags)) / len(stories)

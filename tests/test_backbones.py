@@ -289,8 +289,8 @@ def test_tags_write_the_encoders_own_imagenet_classes_before_the_story(backbones
 
 def test_tags_need_a_pretrained_timm_classifier(backbones, tmp_path):
     root, stories = backbones
-    with pytest.raises(SystemExit):  # argparse: a ResNet-50 has no timm classifier to read
-        train.parse_args(["--tags", "3", "--encoder", "resnet50"])
+    with pytest.raises(SystemExit):  # argparse: the tiny preset's random ResNet has no classifier to read
+        train.parse_args(["--tags", "3", "--preset", "tiny"])
     torch.save({k: v for k, v in torch.load(root / "effnet.pth", weights_only=True).items()
                 if not k.startswith("classifier.")}, tmp_path / "headless.pth")
     with pytest.raises(UserError, match="have no ImageNet classifier to name what a picture shows"):

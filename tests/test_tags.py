@@ -1,0 +1,146 @@
+"""Tags at generation time: the words the decoder reads (tag_name, tag_min_prob), MentionTags pushing
+a story to say one of them, generate.py --json and the web page showing them, evaluate.py's tag-use
+rate, and ResNet-50's own ImageNet classifier as a tagger. Tiny random models, offline."""
+import json
+
+import pytest
+import torch
+import torchvision
+
+import metrics
+import storyteller
+import train
+from checkpoint import save_checkpoint
+from conftest import DATA, run_main
+from storyteller import MentionTags, Storyteller, picture_tags, tag_name, tag_prompts
+from test_backbones import PHOTO, backbones, train_args  # noqa: F401 (backbones: the fixture)
+
+
+@pytest.fixture(scope="module")
+def tag_model(backbones, tmp_path_factory):
+    """A tiny Llama + timm test_efficientnet model trained with --tags 3."""
+    root, stories = backbones
+    out = tmp_path_factory.mktemp("tags") / "m.pt"
+    train.main(train_args(root, stories, out, "--decoder", root / "llama", "--freeze-decoder", "--encoder",
+                          "timm:test_efficientnet", "--encoder-weights", root / "effnet.pth", "--tags", "3"))
+    return out
+
+
+def test_a_tag_is_written_with_its_kind():
+    assert tag_name(281) == "tabby cat"  # "tabby, tabby cat": the one-word name alone would not say cat
+    assert tag_name(285) == "Egyptian cat"  # two words already
+    assert tag_name(953) == "pineapple"  # "pineapple, ananas": no two-word name holds it
+
+
+def test_mention_tags_pushes_each_picture_to_its_own_words_until_one_is_said(tag_model):
+    teller = Storyteller(tag_model, "cpu")
+    tok = teller.tokenizer
+    tags = [[("tabby cat", 0.9)], [("pineapple", 0.5), ("teapot", 0.2)]]
+    push = MentionTags(tok, tags, bias=5.0)
+    def starts(words):  # the first token of each word as a story can begin it: " cat", " Cat", "Cat"
+        return {tok(form, add_special_tokens=False)["input_ids"][0] for w in words for form in (f" {w}", f" {w.capitalize()}", w.capitalize())}
+    first = {0: starts(["tabby", "cat"]), 1: starts(["pineapple", "teapot"])}
+    assert first[0] - first[1] and first[1] - first[0]
+    # Two stories per picture (num_return_sequences 2): rows 0-1 are picture 0's, rows 2-3 picture 1's.
+    scores = torch.zeros(4, len(tok))
+    pushed = push(torch.zeros(4, 0, dtype=torch.long), scores.clone())
+    for row in range(4):
+        assert set(torch.nonzero(pushed[row]).flatten().tolist()) == first[row // 2]
+        assert pushed[row].max() == 5.0
+    # Once a row has said one of its words (its first token), the push stops for that row only.
+    said = next(iter(first[0] - first[1]))
+    history = torch.tensor([[said], [7], [said], [7]])
+    pushed = push(history, scores.clone())
+    assert not pushed[0].any() and pushed[1].any() and pushed[2].any() and pushed[3].any()
+
+
+def test_the_tag_bias_makes_the_story_say_a_tag_word(tag_model):
+    teller = Storyteller(tag_model, "cpu")
+    image = teller.load_image(PHOTO)
+    [tags] = picture_tags(teller.model, teller.encode([image]))
+    words = {tok for name, _ in tags for w in name.split() if len(w) > 2
+             for tok in [teller.tokenizer(f" {w}", add_special_tokens=False)["input_ids"][0]]}
+    plain = teller.tell(image, strategy="greedy", max_new_tokens=6, tag_bias=0.0)
+    pushed = teller.tell(image, strategy="greedy", max_new_tokens=6, tag_bias=100.0)
+    first = teller.tokenizer(pushed, add_special_tokens=False)["input_ids"]
+    assert any(t in words for t in first) and pushed != plain
+    # With the push off, the story is the one transformers' generate writes with no logits processor.
+    assert plain == teller.tell(image, strategy="greedy", max_new_tokens=6, tag_bias=0.0)
+
+
+def test_json_carries_the_tags_the_decoder_read(tag_model, tmp_path):
+    teller = Storyteller(tag_model, "cpu")
+    [tags] = picture_tags(teller.model, teller.encode([teller.load_image(PHOTO)]))
+    result = run_main("generate.py", PHOTO, "--checkpoint", tag_model, "--strategy", "greedy", "--max-new-tokens", "5", "--json")
+    [line] = result.stdout.splitlines()
+    told = json.loads(line)
+    assert [t["name"] for t in told["tags"]] == [name for name, _ in tags] and len(tags) == 3
+    probs = [t["p"] for t in told["tags"]]
+    assert probs == sorted(probs, reverse=True) and all(0 < p <= 1 for p in probs)
+    assert probs == [round(p, 4) for _, p in tags]
+
+
+def test_a_class_after_the_first_is_named_only_when_sure_enough(tag_model, tmp_path):
+    ckpt = torch.load(tag_model, weights_only=True)
+    ckpt["config"]["tag_min_prob"] = 1.0  # no second class is that sure
+    save_checkpoint(ckpt, tmp_path / "sure.pt")
+    teller = Storyteller(tmp_path / "sure.pt", "cpu")
+    features = teller.encode([teller.load_image(PHOTO)])
+    [tags] = picture_tags(teller.model, features)
+    [prompt] = tag_prompts(teller.model, teller.tokenizer, features)
+    assert len(tags) == 1 and teller.tokenizer.decode(prompt) == f"Pictured: {tags[0][0]}.\n"
+    ckpt["config"]["tag_min_prob"] = 2.0
+    save_checkpoint(ckpt, tmp_path / "bad.pt")
+    result = run_main("generate.py", PHOTO, "--checkpoint", tmp_path / "bad.pt")
+    assert result.returncode == 2 and "tag_min_prob = 2.0, not a probability" in result.stderr
+
+
+def test_the_web_page_shows_what_it_saw_under_the_story(tag_model):
+    import app
+    web = app.WebStoryteller(tag_model, "cpu")
+    image = web.teller.load_image(PHOTO)
+    stories, tags = web.told(image, None, "greedy", 1.0, 8, 1)
+    text = web.on_generate({"path": str(PHOTO)}, None, "greedy", 1.0, 8, 1)
+    assert text == stories[0] + "\n\nWhat it saw: " + ", ".join(f"{n} ({p:.0%})" for n, p in tags)
+
+
+def test_tag_use_counts_the_stories_that_name_a_tag():
+    assert metrics.names_a_tag("A tabby sat in the sun.", ["tabby cat"])
+    assert metrics.names_a_tag("Two cats slept.", ["tabby cat", "teapot"])  # a plural of a tag's word
+    assert metrics.names_a_tag("The Boxes fell.", ["box"])  # -es, any case
+    assert not metrics.names_a_tag("A dog ran to the category.", ["tabby cat"])  # not a part of a word
+    assert not metrics.names_a_tag("An ox.", ["ox"])  # words under 3 letters say too little
+    assert metrics.tag_use(["A cat.", "A dog.", "Tea in a teapot.", "Nothing."],
+                           [["tabby cat"], ["pineapple"], ["teapot"], []]) == 0.5
+
+
+def test_evaluate_reports_the_tag_use_rate(tag_model, tmp_path):
+    stories = tmp_path / "s.txt"
+    stories.write_text("photo_cat.jpg\tA cat.\nphoto_coffee.jpg\tA cup.\n")
+    out = tmp_path / "metrics.json"
+    result = run_main("evaluate.py", "--checkpoint", tag_model, "--images", DATA / "images", "--stories", stories,
+                      "--strategy", "greedy", "--max-new-tokens", "6", "--out", out)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    told = {name: s[0] for name, s in report["stories"].items()}
+    tags = {name: [t["name"] for t in read] for name, read in report["tags"].items()}
+    expected = metrics.tag_use([told[n] for n in sorted(told)], [tags[n] for n in sorted(told)])
+    assert report["metrics"]["tag_use"] == expected and "tag use: stories naming a tag" in result.stdout
+
+
+def test_resnet50_tags_come_from_its_own_imagenet_classifier(backbones, tmp_path):
+    root, stories = backbones
+    torch.manual_seed(0)
+    net = torchvision.models.resnet50(weights=None)
+    torch.save(net.state_dict(), tmp_path / "resnet50.pth")
+    out = tmp_path / "r.pt"
+    train.main(train_args(root, stories, out, "--decoder", root / "llama", "--freeze-decoder", "--encoder", "resnet50",
+                          "--encoder-weights", tmp_path / "resnet50.pth", "--tags", "2", "--epochs", "1"))
+    ckpt = torch.load(out, weights_only=True)
+    assert torch.equal(ckpt["model"]["tagger.weight"], net.fc.weight) and torch.equal(ckpt["model"]["tagger.bias"], net.fc.bias)
+    teller = Storyteller(out, "cpu")
+    image = teller.load_image(PHOTO)
+    features = teller.encode([image])
+    pixels = storyteller.dataset.image_transform(teller.model.config)(image)[None]
+    best = net.eval()(pixels).softmax(-1).topk(2)
+    assert [n for n, _ in picture_tags(teller.model, features)[0]] == [tag_name(i) for i in best.indices[0].tolist()]
