@@ -129,11 +129,19 @@ def consistency_ranks(nll: torch.Tensor, owner: list[int]) -> list[int]:
     return ranks
 
 
+def tag_words(tag: str) -> list[str]:
+    """The words that name a tag's thing: the last word of its name and its kind, if it has one
+    ("red-breasted merganser (bird)": merganser, bird). A name's first words are often an adjective
+    ("red", "American") that a story may say of anything."""
+    name, _, kind = tag.partition(" (")
+    return [w for w in [*words(name.replace("-", " "))[-1:], *words(kind)] if len(w) >= 3]
+
+
 def names_a_tag(story: str, tags: list[str]) -> bool:
-    """Does the story say a word (of 3 letters or more) of one of its picture's tag names, or its plural?
-    "A tabby cat ..." and "two cats" both name the tag "tabby cat"."""
+    """Does the story say one of its picture's tags' words (tag_words), or its plural? "A tabby cat ..."
+    and "two cats" both name the tag "tabby cat"."""
     said = set(words(story))
-    return any(w in said or w + "s" in said or w + "es" in said for tag in tags for w in words(tag) if len(w) >= 3)
+    return any(w in said or w + "s" in said or w + "es" in said for tag in tags for w in tag_words(tag))
 
 
 def tag_use(stories: list[str], tags: list[list[str]]) -> float:

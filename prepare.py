@@ -36,6 +36,7 @@ MAX_PROBLEMS = 10  # a broken file is reported by its first few bad lines, not a
 LOCAL_WRITER = f"weights/{weights.LM_DIR}"
 HUB_WRITER = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PROMPT = "Write a short story for children, three or four sentences long, about this picture: {caption}"
+TAG_PROMPT = "Write a short story for children, three or four sentences long, about a photo that shows: {caption}."
 DROPPED = "# dropped\t"  # a story that missed its caption, kept as a comment so that a rerun skips its caption
 # Words that say nothing about what a picture shows; a story need not repeat them.
 STOPWORDS = set("""the and are was were for with from into onto over under near next that this these those
@@ -86,12 +87,18 @@ def parse_args(argv=None):
                                        "and its chat template. A story that names none of its caption's content words "
                                        "is dropped and kept as a '# dropped' comment line. A killed run continues "
                                        "where it stopped when run again with the same --out.")
-    s.add_argument("--captions", required=True, help="image<TAB>caption lines, as the commands above write them")
+    s.add_argument("--captions", required=True, help="image<TAB>caption lines, as the commands above write them; "
+                                                     "with --tags, any stories file: its pictures are told anew")
+    s.add_argument("--tags", metavar="CHECKPOINT",
+                   help="a model trained with tags (the small and gpt2 presets): instead of a caption, each picture "
+                        "--captions names gets one story about the tags its classifier reads in it, so that the "
+                        "stories say what their pictures show; needs --images")
+    s.add_argument("--images", help="with --tags: the folder the names in --captions are relative to")
     s.add_argument("--writer", default=None, help=f"instruct LM: a save_pretrained folder or a hub name (default: "
                                                   f"{LOCAL_WRITER} when `prepare.py weights` made it, else {HUB_WRITER})")
     s.add_argument("--out", required=True, help="stories file to write, or to continue when a run stopped early")
-    s.add_argument("--prompt", default=PROMPT, help="what the writer is asked; {caption} is replaced by the caption "
-                                                    "(default: %(default)r)")
+    s.add_argument("--prompt", help=f"what the writer is asked; {{caption}} is replaced by the caption (default: "
+                                    f"{PROMPT!r}; with --tags {TAG_PROMPT!r})")
     s.add_argument("--batch-size", type=int, default=8, help="captions per generate() call (default: %(default)s)")
     s.add_argument("--max-new-tokens", type=int, default=80, help="longest story, in tokens (default: %(default)s)")
     s.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 always takes the likeliest "
@@ -153,15 +160,19 @@ def write_stories(args):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from backbones import from_pretrained
     from cli import pick_device
+    args.prompt = args.prompt or (TAG_PROMPT if args.tags else PROMPT)
     if "{caption}" not in args.prompt:
         raise UserError(f"--prompt {args.prompt!r}: has no {{caption}} to put the caption in")
     if args.batch_size < 1 or args.max_new_tokens < 1 or args.temperature < 0:
         raise UserError("--batch-size and --max-new-tokens take a number >= 1, --temperature one >= 0")
     if Path(args.out).resolve() == Path(args.captions).resolve():
         raise UserError(f"--out {args.out}: is the captions file; write the stories to another file")
-    captions, problems = parse_stories(args.captions)
-    if problems:
-        raise DataError([message for _, message in problems])
+    if args.tags:
+        captions = tag_captions(args.tags, args.captions, args.images, pick_device(args.device))
+    else:
+        captions, problems = parse_stories(args.captions)
+        if problems:
+            raise DataError([message for _, message in problems])
     done = stories_done(args.out, args.captions, [ex.image for ex in captions])
     todo = captions[done:]
     if not todo:
@@ -200,6 +211,27 @@ def write_stories(args):
     seconds = time.time() - start
     print(f"wrote {args.out}: {len(todo) - dropped} new stories in {seconds:.0f}s "
           f"({seconds / max(len(todo), 1):.1f}s each); dropped {dropped} that named nothing in their caption")
+
+
+def tag_captions(checkpoint, stories_path, images_dir, device):
+    """A caption for each picture a stories file names (albums aside), in the order of their first
+    lines: the tags a model's classifier reads in it, "tabby cat, tiger cat", as the model reads them."""
+    from dataset import Example, read_examples
+    from storyteller import Storyteller, picture_tags
+    if not images_dir:
+        raise UserError("--tags: pass --images, the folder the names in --captions are relative to")
+    teller = Storyteller(checkpoint, device)
+    if not teller.model.config.tags:
+        raise UserError(f"--tags {checkpoint}: this model was trained without tags; train one with --tags N "
+                        f"(the small and gpt2 presets have them)")
+    names = list(dict.fromkeys(ex.image for ex in read_examples(stories_path, images_dir) if len(ex.images) == 1))
+    captions = []
+    for start in range(0, len(names), 16):
+        batch = names[start:start + 16]
+        features = teller.encode([teller.load_image(Path(images_dir) / name) for name in batch])
+        captions += [Example(name, ", ".join(tag for tag, _ in tags), 0)
+                     for name, tags in zip(batch, picture_tags(teller.model, features))]
+    return captions
 
 
 def generate_stories(model, tokenizer, captions, args):

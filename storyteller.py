@@ -16,6 +16,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 import dataset
 from checkpoint import load_checkpoint, load_model
 from cli import DTYPES, UserError, non_negative_float, non_negative_int, pick_device, positive_float, positive_int, top_p_value
+from metrics import tag_words
 from model import LENGTHS, decoder_sizes
 from quantize import METHODS as QUANTIZE_METHODS, quantize_decoder
 
@@ -136,14 +137,31 @@ def imagenet_info():
     return ImageNetInfo()
 
 
+# The kind of thing an ImageNet-1k class is, for the animals, fruit, vegetables, flowers and fungi
+# among them: ImageNet numbers its classes in WordNet's order, so a kind is a range of them (timm
+# ships the names, not WordNet's hierarchy). A story may say "bird" of a red-breasted merganser.
+KINDS = [((0, 6), "fish"), ((7, 24), "bird"), ((25, 29), "amphibian"), ((30, 32), "frog"), ((33, 37), "turtle"),
+         ((38, 48), "lizard"), ((49, 50), "crocodile"), ((51, 51), "dinosaur"), ((52, 68), "snake"),
+         ((72, 77), "spider"), ((80, 100), "bird"), ((101, 101), "elephant"), ((118, 121), "crab"),
+         ((127, 146), "bird"), ((147, 148), "whale"), ((151, 268), "dog"), ((269, 272), "wolf"), ((273, 275), "dog"),
+         ((277, 280), "fox"), ((281, 293), "cat"), ((294, 297), "bear"), ((300, 320), "insect"),
+         ((321, 326), "butterfly"), ((330, 332), "rabbit"), ((333, 338), "rodent"), ((339, 339), "horse"),
+         ((341, 343), "pig"), ((345, 347), "cattle"), ((348, 349), "sheep"), ((350, 350), "goat"),
+         ((351, 353), "antelope"), ((365, 368), "ape"), ((369, 382), "monkey"), ((383, 384), "lemur"),
+         ((385, 386), "elephant"), ((389, 397), "fish"), ((936, 946), "vegetable"), ((948, 957), "fruit"),
+         ((985, 986), "flower"), ((991, 997), "mushroom")]
+
+
 @functools.cache
 def tag_name(index: int) -> str:
     """The words a class is written with: ImageNet's first name for it, or, where that is one word and
-    a two-word name holds it, that one ("tabby, tabby cat" is "tabby cat"), so the kind is named too."""
+    a two-word name begins with it, that one ("tabby, tabby cat" is "tabby cat"); then its kind where it has
+    one the name does not say: "red-breasted merganser (bird)", so the story can name the kind too."""
     names = [name.strip() for name in imagenet_info().index_to_description(index).split(",")]
     if len(names[0].split()) == 1:
-        names[0] = next((n for n in names[1:] if len(n.split()) == 2 and names[0] in n.split()), names[0])
-    return names[0]
+        names[0] = next((n for n in names[1:] if len(n.split()) == 2 and n.split()[0] == names[0]), names[0])
+    kind = next((kind for (first, last), kind in KINDS if first <= index <= last), None)
+    return names[0] if kind is None or kind in names[0].lower() else f"{names[0]} ({kind})"
 
 
 def picture_tags(model, features) -> list[list[tuple[str, float]]]:
@@ -182,8 +200,8 @@ def encode_albums(model, albums) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 class MentionTags(LogitsProcessor):
-    """Adds bias to the logits of the tokens that start each picture's tag words, until its story has
-    said one of them; from then on the story goes as the decoder likes.
+    """Adds bias to the logits of the tokens that start each picture's tag words (metrics.tag_words:
+    "merganser", "bird"), until its story has said one of them; then the story goes as the decoder likes.
 
     Written here because transformers' own tool for this, generate's sequence_bias, gives every row
     of a batch the same words and keeps biasing them to the end (measured: it makes a story repeat
@@ -193,7 +211,7 @@ class MentionTags(LogitsProcessor):
         self.bias, self.words = bias, None
         self.starts = []  # per picture: the first token of each of its tag words, as a story can begin it
         for picture in tags:
-            words = {w for name, _ in picture for w in name.split() if len(w) > 2}
+            words = {w for name, _ in picture for w in tag_words(name)}
             self.starts.append(sorted({tokenizer(form, add_special_tokens=False)["input_ids"][0]
                                        for word in words for form in (f" {word}", f" {word.capitalize()}", word.capitalize())}))
 

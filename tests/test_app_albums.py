@@ -59,8 +59,8 @@ def test_an_album_gets_storytellers_story_of_its_pictures_in_upload_order(teller
     checkpoint, unseen = album_model
     library = Storyteller(checkpoint, "cpu")
     asked = []  # what the page hands the model: one album, its pictures in upload order
-    stories = teller.teller.stories
-    monkeypatch.setattr(teller.teller, "stories", lambda items, *a: asked.append(items) or stories(items, *a))
+    stories = teller.teller.stories_and_tags
+    monkeypatch.setattr(teller.teller, "stories_and_tags", lambda items, *a: asked.append(items) or stories(items, *a))
     for album in unseen[:2]:
         for order in (album, album[::-1]):
             assert greedy(teller, order) == library.tell(order, album=True, strategy="greedy")
@@ -120,8 +120,8 @@ def test_the_length_menu_shows_for_a_length_model_and_the_story_follows_it(telle
     assert "Max tokens" in blocks(page, gr.Slider)
     library = Storyteller(checkpoint, "cpu")
     asked = []
-    stories = teller.teller.stories
-    monkeypatch.setattr(teller.teller, "stories", lambda items, config, style, length: asked.append(length) or
+    stories = teller.teller.stories_and_tags
+    monkeypatch.setattr(teller.teller, "stories_and_tags", lambda items, config, style, length: asked.append(length) or
                         stories(items, config, style, length))
     for length in ("short", "long"):
         assert greedy(teller, unseen[0], length) == library.tell(unseen[0], album=True, length=length, strategy="greedy")

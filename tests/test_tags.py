@@ -14,6 +14,7 @@ from checkpoint import save_checkpoint
 from conftest import DATA, run_main
 from storyteller import MentionTags, Storyteller, picture_tags, tag_name, tag_prompts
 from test_backbones import PHOTO, backbones, train_args  # noqa: F401 (backbones: the fixture)
+from test_stories import writer  # noqa: F401 (the fixture: a tiny chat model)
 
 
 @pytest.fixture(scope="module")
@@ -28,18 +29,22 @@ def tag_model(backbones, tmp_path_factory):
 
 def test_a_tag_is_written_with_its_kind():
     assert tag_name(281) == "tabby cat"  # "tabby, tabby cat": the one-word name alone would not say cat
-    assert tag_name(285) == "Egyptian cat"  # two words already
-    assert tag_name(953) == "pineapple"  # "pineapple, ananas": no two-word name holds it
+    assert tag_name(285) == "Egyptian cat"  # two words already, the kind among them
+    assert tag_name(953) == "pineapple (fruit)"  # "pineapple, ananas": no two-word name begins with it
+    assert tag_name(98) == "red-breasted merganser (bird)" and tag_name(350) == "ibex (goat)"  # not "Capra ibex"
+    assert tag_name(401) == "accordion"  # an artifact: no kind
+    assert metrics.tag_words("red-breasted merganser (bird)") == ["merganser", "bird"]
+    assert metrics.tag_words("tabby cat") == ["cat"] and metrics.tag_words("ox") == []
 
 
 def test_mention_tags_pushes_each_picture_to_its_own_words_until_one_is_said(tag_model):
     teller = Storyteller(tag_model, "cpu")
     tok = teller.tokenizer
-    tags = [[("tabby cat", 0.9)], [("pineapple", 0.5), ("teapot", 0.2)]]
+    tags = [[("tabby cat", 0.9)], [("pineapple (fruit)", 0.5), ("teapot", 0.2)]]
     push = MentionTags(tok, tags, bias=5.0)
     def starts(words):  # the first token of each word as a story can begin it: " cat", " Cat", "Cat"
         return {tok(form, add_special_tokens=False)["input_ids"][0] for w in words for form in (f" {w}", f" {w.capitalize()}", w.capitalize())}
-    first = {0: starts(["tabby", "cat"]), 1: starts(["pineapple", "teapot"])}
+    first = {0: starts(["cat"]), 1: starts(["pineapple", "fruit", "teapot"])}  # metrics.tag_words
     assert first[0] - first[1] and first[1] - first[0]
     # Two stories per picture (num_return_sequences 2): rows 0-1 are picture 0's, rows 2-3 picture 1's.
     scores = torch.zeros(4, len(tok))
@@ -58,8 +63,8 @@ def test_the_tag_bias_makes_the_story_say_a_tag_word(tag_model):
     teller = Storyteller(tag_model, "cpu")
     image = teller.load_image(PHOTO)
     [tags] = picture_tags(teller.model, teller.encode([image]))
-    words = {tok for name, _ in tags for w in name.split() if len(w) > 2
-             for tok in [teller.tokenizer(f" {w}", add_special_tokens=False)["input_ids"][0]]}
+    words = {teller.tokenizer(form, add_special_tokens=False)["input_ids"][0]
+             for name, _ in tags for w in metrics.tag_words(name) for form in (f" {w}", f" {w.capitalize()}", w.capitalize())}
     plain = teller.tell(image, strategy="greedy", max_new_tokens=6, tag_bias=0.0)
     pushed = teller.tell(image, strategy="greedy", max_new_tokens=6, tag_bias=100.0)
     first = teller.tokenizer(pushed, add_special_tokens=False)["input_ids"]
@@ -105,9 +110,10 @@ def test_the_web_page_shows_what_it_saw_under_the_story(tag_model):
 
 
 def test_tag_use_counts_the_stories_that_name_a_tag():
-    assert metrics.names_a_tag("A tabby sat in the sun.", ["tabby cat"])
     assert metrics.names_a_tag("Two cats slept.", ["tabby cat", "teapot"])  # a plural of a tag's word
+    assert metrics.names_a_tag("A bird flew by.", ["red-breasted merganser (bird)"])  # its kind
     assert metrics.names_a_tag("The Boxes fell.", ["box"])  # -es, any case
+    assert not metrics.names_a_tag("A red hat.", ["red-breasted merganser (bird)"])  # an adjective names nothing
     assert not metrics.names_a_tag("A dog ran to the category.", ["tabby cat"])  # not a part of a word
     assert not metrics.names_a_tag("An ox.", ["ox"])  # words under 3 letters say too little
     assert metrics.tag_use(["A cat.", "A dog.", "Tea in a teapot.", "Nothing."],
@@ -144,3 +150,53 @@ def test_resnet50_tags_come_from_its_own_imagenet_classifier(backbones, tmp_path
     pixels = storyteller.dataset.image_transform(teller.model.config)(image)[None]
     best = net.eval()(pixels).softmax(-1).topk(2)
     assert [n for n, _ in picture_tags(teller.model, features)[0]] == [tag_name(i) for i in best.indices[0].tolist()]
+
+
+def test_prepare_writes_stories_about_the_tags_and_train_reads_them(tag_model, backbones, writer, tmp_path, monkeypatch):
+    """prepare.py stories --tags: one story per picture about the tags the model's classifier reads in
+    it (the writer is asked with them), kept only if it names one; train.py then learns from that file."""
+    import prepare
+    root, stories = backbones
+    asked = []
+    monkeypatch.setattr(prepare, "generate_stories", lambda model, tok, captions, args: asked.extend(captions) or
+                        [f"Once there was a {c.split(', ')[0]} in the park." for c in captions])
+    out = tmp_path / "tag_stories.txt"
+    prepare.main(["stories", "--tags", str(tag_model), "--captions", str(stories), "--images", str(DATA / "images"),
+                  "--writer", str(writer), "--out", str(out), "--device", "cpu"])
+    teller = Storyteller(tag_model, "cpu")
+    names = list(dict.fromkeys(line.split("\t")[0] for line in stories.read_text().splitlines() if "\t" in line))
+    expected = [", ".join(n for n, _ in picture_tags(teller.model, teller.encode([teller.load_image(DATA / "images" / name)]))[0])
+                for name in names]
+    assert asked == expected  # one caption per picture: its tags, in the order the stories file names them
+    lines = [line.split("\t") for line in out.read_text().splitlines() if not line.startswith("#")]
+    assert [name for name, _ in lines] == names
+    assert all(story == f"Once there was a {tags.split(', ')[0]} in the park." for (_, story), tags in zip(lines, expected))
+    model = tmp_path / "m.pt"
+    train.main(train_args(root, out, model, "--decoder", root / "llama", "--freeze-decoder", "--encoder",
+                          "timm:test_efficientnet", "--encoder-weights", root / "effnet.pth", "--tags", "3", "--epochs", "1"))
+    import hashlib
+    import dataset
+    examples = dataset.read_examples(out, DATA / "images")
+    trained_on = hashlib.sha256(repr([(ex.image, ex.story, ex.style) for ex in examples]).encode()).hexdigest()[:16]
+    assert torch.load(model, weights_only=True)["train"]["data"] == trained_on and len(examples) == len(names)
+
+
+def test_prepare_stories_tags_needs_a_model_with_tags(tmp_path, tiny_checkpoint):
+    captions = tmp_path / "s.txt"
+    captions.write_text("photo_cat.jpg\tA cat.\n")
+    result = run_main("prepare.py", "stories", "--tags", tiny_checkpoint, "--captions", captions, "--images",
+                      DATA / "images", "--out", tmp_path / "o.txt")
+    assert result.returncode == 2 and "this model was trained without tags" in result.stderr
+    assert not (tmp_path / "o.txt").exists()
+    result = run_main("prepare.py", "stories", "--tags", tiny_checkpoint, "--captions", captions, "--out", tmp_path / "o.txt")
+    assert result.returncode == 2 and "--tags: pass --images" in result.stderr
+
+
+def test_the_presets_tag_where_a_frozen_imagenet_classifier_can():
+    assert train.parse_args([]).tags == 3  # gpt2: ResNet-50's own classifier
+    assert train.parse_args(["--encoder", "clip-vit-b32"]).tags == 0  # CLIP has no ImageNet classifier
+    assert train.parse_args(["--train-encoder"]).tags == 0  # a classifier of features that change reads nothing
+    assert train.parse_args(["--no-feature-cache"]).tags == 0  # tags are read from the cached features
+    assert train.parse_args(["--tags", "0"]).tags == 0 and train.parse_args(["--preset", "tiny"]).tags == 0
+    with pytest.raises(SystemExit):
+        train.parse_args(["--encoder", "clip-vit-b32", "--tags", "2"])  # asked for, and impossible: refused
