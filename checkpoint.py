@@ -14,6 +14,7 @@ import torch.distributed as dist
 import backbones
 from model import StoryConfig, StoryModel
 from cli import UserError
+from settings import TrainSettings
 from files import atomic_write, load_torch_file, os_error, temp_file_beside
 
 CHECKPOINT_FORMAT = 1
@@ -168,10 +169,11 @@ def gathered_state(model, optimizer) -> tuple[dict, dict]:
     return get_model_state_dict(model, options=full), get_optimizer_state_dict(model, optimizer, options=full)
 
 
-def save_training(path, *, args, run, model, sources, tokenizer, optimizer, scheduler, scaler, progress, data_id,
-                  sharded=False):
-    """Writes a checkpoint that generates stories and resumes training (rank 0 writes, atomically).
-    sharded: the model is FSDP's, and its weights and optimizer state are gathered from every rank first."""
+def save_training(path, *, args: TrainSettings, run, model, sources, tokenizer, optimizer, scheduler, scaler, progress,
+                  data_id, sharded=False):
+    """Writes a checkpoint that generates stories and resumes training (rank 0 writes, atomically), with
+    the run's settings as a dict. sharded: the model is FSDP's, and its weights and optimizer state are
+    gathered from every rank first."""
     rngs = [rng_state(run.device)]
     if run.world_size > 1:  # every process's random state, so each one's dropout continues exactly
         rngs = [None] * run.world_size
@@ -186,7 +188,7 @@ def save_training(path, *, args, run, model, sources, tokenizer, optimizer, sche
         "model": stored_state(model, sources, state),
         "tokenizer": backbones.tokenizer_to_json(tokenizer),
         "eos_token": tokenizer.eos_token,
-        "train": {"args": dict(vars(args)), "step": progress.step, "epoch": progress.epoch,
+        "train": {"args": args.to_dict(), "step": progress.step, "epoch": progress.epoch,
                   "batches": progress.batches, "world_size": run.world_size, "data": data_id, "rng": rngs,
                   "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                   "scaler": scaler.state_dict()},
@@ -194,8 +196,9 @@ def save_training(path, *, args, run, model, sources, tokenizer, optimizer, sche
     save_checkpoint(to_cpu(checkpoint), path)  # loads on a machine without the GPU it was trained on
 
 
-def load_resume(args, run) -> dict:
-    """The checkpoint to continue from; refused if this run's settings would not continue the same run.
+def load_resume(args: TrainSettings, run) -> dict:
+    """The checkpoint to continue from; refused if this run's settings (args) would not continue the
+    run that saved it, whose settings it stores as a dict (older checkpoints lack the newer ones: NEWER).
     Another number of processes may continue it when the stories per optimizer step stay the same
     (processes x --batch-size x --grad-accum): 2 processes at --batch-size 4 onto 1 at --batch-size 8."""
     ckpt = load_checkpoint(args.resume)

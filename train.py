@@ -5,7 +5,7 @@
     python train.py --encoder clip-vit-b32 --mapper transformer --lora    # CLIP, ClipCap's mapper, LoRA
     python train.py --encoder timm:convnext_tiny --decoder HuggingFaceTB/SmolLM2-135M --freeze-decoder
     torchrun --nproc_per_node=4 train.py ...     # data-parallel: 4 GPUs (nccl), or 4 CPU processes (gloo)
-    torchrun --nproc_per_node=8 train.py --decoder meta-llama/Llama-3.1-8B --fsdp --gradient-checkpointing --dtype bfloat16
+    torchrun --nproc_per_node=8 train.py --decoder HuggingFaceTB/SmolLM2-1.7B --fsdp --gradient-checkpointing   # sharded
     python train.py ... --resume vlm_model.pt    # continue a run stopped with Ctrl-C (it saves on the way out)
 """
 import argparse
@@ -33,6 +33,7 @@ import training
 from cli import DTYPES, UserError, fraction, non_negative_float, non_negative_int, parse_device, positive_float, positive_int, run_cli
 from distributed import StopRequest, agree, shard, start_run
 from model import MAPPERS, TIMM
+from settings import TrainSettings
 
 # Defaults that depend on the preset; a flag given on the command line wins.
 PRESETS = {
@@ -93,7 +94,7 @@ def encoder_name(value):
     raise argparse.ArgumentTypeError(f"expected resnet50, clip-vit-b32 or timm:NAME (e.g. timm:convnext_tiny), got {value!r}")
 
 
-def parse_args(argv=None):
+def parse_args(argv=None) -> TrainSettings:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", default="data/images", help="folder the image names are relative to (default: %(default)s)")
     p.add_argument("--stories", default="data/stories.txt", help="image_name<TAB>story lines (default: %(default)s)")
@@ -187,7 +188,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     preset = dict(PRESETS[args.preset])
     if args.preset == "small":
-        backbones.local_weights(args)
+        args.decoder, args.encoder_weights = backbones.local_weights(args.decoder, args.encoder, args.encoder_weights)
     if args.lora:
         preset = {**preset, "freeze_decoder": False}  # the preset's frozen decoder gets adapters instead
     if args.lr is None and args.preset != "tiny" and (args.lora or args.freeze_decoder):
@@ -218,7 +219,7 @@ def parse_args(argv=None):
         # loaded, and images are decoded at least this large meanwhile.
         args.train_encoder = bool(args.train_encoder)
         args.image_size = args.resize_size = 224
-    return args
+    return TrainSettings(**vars(args))  # the flags end here: from now on the run reads settings
 
 
 def tag_prompts(model, tokenizer, features, args) -> dict:

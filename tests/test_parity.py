@@ -3,6 +3,7 @@ against one with their two batches in one, --grad-accum against one big batch, a
 an uninterrupted one, the learning rates against the warm-up/cosine formula; gradient clipping,
 bfloat16 autocast, and SIGTERM / Ctrl-C as docs/resuming.md tells them. On the tiny Llama of
 tests/test_fsdp.py (no dropout: one process and two draw the same numbers)."""
+import dataclasses
 import io
 import math
 import os
@@ -17,6 +18,7 @@ import train
 import training
 from checkpoint import load_checkpoint
 from ranks import train_ranks
+from settings import TrainSettings
 from test_fsdp import args as fsdp_args, assert_same_weights, llama, losses, weights  # noqa: F401 (llama: a fixture)
 
 WARMUP = "0.25"  # of 4 steps: one step of warm-up, then three of cosine decay
@@ -165,3 +167,14 @@ def test_bfloat16_autocast_trains_within_a_small_tolerance_of_float32(big_batch,
     # bfloat16 keeps 8 bits of mantissa: a loss of ~6 moves by a few hundredths; a wrong cast would move it by far more.
     assert max(differences) < 0.05, differences
     assert max(differences) > 0, "the same losses: autocast did not run in bfloat16"
+
+
+def test_the_settings_are_one_frozen_object_that_the_checkpoint_stores(big_batch, llama):
+    """train.parse_args turns the flags and the preset into settings once; library functions read those."""
+    settings = train.parse_args(list(map(str, args(llama, llama / "big.pt", "--batch-size", "4"))))
+    assert isinstance(settings, TrainSettings) and settings.lr == 1e-3 and settings.image_size == 224
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.lr = 0.1
+    assert load_checkpoint(big_batch)["train"]["args"] == settings.to_dict()
+    tiny = train.parse_args(["--preset", "tiny"])  # the preset's sizes are settings too
+    assert (tiny.n_layer, tiny.n_head, tiny.n_embd, tiny.n_positions, tiny.vocab_size) == (2, 4, 128, 128, 2000)
