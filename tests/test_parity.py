@@ -7,6 +7,7 @@ import dataclasses
 import io
 import math
 import os
+import shutil
 import signal
 import time
 from contextlib import redirect_stderr
@@ -100,10 +101,19 @@ def test_a_run_stopped_mid_epoch_with_grad_accum_resumes_to_the_uninterrupted_we
     state = load_checkpoint(out)["train"]
     assert (state["step"], state["epoch"], state["batches"]) == (3, 1, 2)  # mid-epoch, 2 micro-batches in
     monkeypatch.undo()
+    sharded = tmp_path / "sharded.pt"
+    for suffix in (".pt", ".metrics.jsonl"):
+        shutil.copy(out.with_suffix(suffix), sharded.with_suffix(suffix))
 
     train_here(*run, "--resume", out)
     torch.testing.assert_close(losses(out), losses(accumulated), rtol=0, atol=0)
     assert_same_weights(weights(out), weights(accumulated))
+
+    # The same checkpoint continues under FSDP on 2 processes at --batch-size 2: its AdamW state, saved by
+    # position in the optimizer's list, is matched to the parameters' names and sharded.
+    train_ranks(args(llama, sharded, "--batch-size", "2", "--fsdp", "--resume", sharded), 2, tmp_path / "logs")
+    torch.testing.assert_close(losses(sharded), losses(accumulated), rtol=0, atol=1e-5)
+    assert_same_weights(weights(sharded), weights(accumulated))
 
 
 def test_a_second_ctrl_c_stops_at_once_and_one_repeated_within_a_second_does_not(llama, tmp_path, monkeypatch):
