@@ -146,7 +146,7 @@ def forward_backward(model, micro_batches, device, amp, scaler, world_size=1) ->
     FSDP) the share is of every process's tokens, so 2 processes at --batch-size 8 also give the
     gradient of one batch of 16, and every process returns the loss of all of them."""
     tokens = [int(batch["attention_mask"].sum()) for batch in micro_batches]
-    per_process = float(sum(tokens))
+    per_process = float(sum(tokens))  # story tokens of a process: its own, or all processes' mean
     if world_size > 1:
         # DDP and FSDP average the processes' gradients: a loss scaled by world_size x this process's
         # share of all the tokens averages to the gradient of one batch of all of them. (Without it each
