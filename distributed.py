@@ -118,3 +118,41 @@ class StopRequest:
                   f"(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
 
+
+
+# ----------------------------------------------------------------------------- FSDP: sharding the model
+
+def decoder_blocks(decoder) -> list:
+    """The decoder's transformer blocks, found as transformers finds them for its own sharding and
+    device maps: the modules whose class the model names in _no_split_modules (GPT2Block,
+    LlamaDecoderLayer, ...). Under LoRA the peft wrapper hides them one level down."""
+    base = decoder.get_base_model() if hasattr(decoder, "get_base_model") else decoder
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    return [module for module in base.modules() if type(module).__name__ in names]
+
+
+def shard(model, run, dtype_name: str) -> None:
+    """FSDP2 (torch's fully_shard), in place: each decoder block is a unit of its own, then the
+    encoder, then the whole model takes what is left (embeddings, mapper, style, ...). Every rank
+    keeps 1/world_size of each parameter, of its gradient and of the AdamW state made afterwards;
+    a unit's full weights exist only while its forward or backward runs. The model is still on the
+    CPU: fully_shard moves each unit to run.device as it shards it, so the whole model is never on
+    one GPU. The optimizer must be made after this, from the sharded parameters."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    blocks = decoder_blocks(model.decoder)
+    if not blocks:
+        raise UserError(f"--fsdp: cannot find the transformer blocks of this {model.decoder.config.model_type} "
+                        f"decoder to shard (its class names none in _no_split_modules); train without --fsdp")
+    mesh = init_device_mesh(run.device.type, (run.world_size,))
+    policy = MixedPrecisionPolicy()  # float32 everywhere, the default
+    if run.device.type == "cuda" and dtype_name == "bfloat16":
+        # FSDP's mixed precision: bfloat16 copies of the weights for compute, float32 master weights,
+        # gradients reduced in float32 (autocast is off under --fsdp on CUDA: this does its job).
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    # The encoder is a unit of its own, so a frozen encoder whose features come from the cache is
+    # never gathered at all.
+    fully_shard(model.encoder, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)

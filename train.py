@@ -5,6 +5,7 @@
     python train.py --encoder clip-vit-b32 --mapper transformer --lora    # CLIP, ClipCap's mapper, LoRA
     python train.py --encoder timm:convnext_tiny --decoder HuggingFaceTB/SmolLM2-135M --freeze-decoder
     torchrun --nproc_per_node=4 train.py ...     # data-parallel: 4 GPUs (nccl), or 4 CPU processes (gloo)
+    torchrun --nproc_per_node=8 train.py --decoder HuggingFaceTB/SmolLM2-1.7B --fsdp --gradient-checkpointing   # sharded
     python train.py ... --resume vlm_model.pt    # continue a run stopped with Ctrl-C (it saves on the way out)
 """
 import argparse
@@ -30,8 +31,9 @@ import dataset
 import storyteller
 import training
 from cli import DTYPES, UserError, fraction, non_negative_float, non_negative_int, parse_device, positive_float, positive_int, run_cli
-from distributed import StopRequest, agree, start_run
+from distributed import StopRequest, agree, shard, start_run
 from model import MAPPERS, TIMM
+from settings import TrainSettings
 
 # Defaults that depend on the preset; a flag given on the command line wins.
 PRESETS = {
@@ -92,7 +94,7 @@ def encoder_name(value):
     raise argparse.ArgumentTypeError(f"expected resnet50, clip-vit-b32 or timm:NAME (e.g. timm:convnext_tiny), got {value!r}")
 
 
-def parse_args(argv=None):
+def parse_args(argv=None) -> TrainSettings:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", default="data/images", help="folder the image names are relative to (default: %(default)s)")
     p.add_argument("--stories", default="data/stories.txt", help="image_name<TAB>story lines (default: %(default)s)")
@@ -175,6 +177,13 @@ def parse_args(argv=None):
                    help="where a frozen encoder's image features are kept between epochs and runs "
                         "(default: .cache/features next to --out)")
     p.add_argument("--no-feature-cache", action="store_true", help="decode and encode every image at every step instead")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun, shard the model's weights, gradients and AdamW state across the processes "
+                        "(PyTorch's FSDP2) instead of copying them to each (DDP): for a decoder too big for one "
+                        "GPU (docs/torchrun.md)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute the decoder's activations in the backward pass instead of keeping them: "
+                        "less memory for long stories and albums, about a third more compute")
     p.add_argument("--save-every", type=non_negative_int, default=1000,
                    help="also write --out every N optimizer steps, atomically; 0 = only at the end (default: %(default)s)")
     p.add_argument("--resume", metavar="FILE",
@@ -184,7 +193,7 @@ def parse_args(argv=None):
     preset = dict(PRESETS[args.preset])
     args.tags_asked = args.tags is not None
     if args.preset == "small":
-        backbones.local_weights(args)
+        args.decoder, args.encoder_weights = backbones.local_weights(args.decoder, args.encoder, args.encoder_weights)
     if args.lora:
         preset = {**preset, "freeze_decoder": False}  # the preset's frozen decoder gets adapters instead
     if args.lr is None and args.preset != "tiny" and (args.lora or args.freeze_decoder):
@@ -206,12 +215,18 @@ def parse_args(argv=None):
                 "without --train-encoder (and not the tiny preset's random ResNet), or --tags 0")
     if args.encoder_weights and args.encoder == "clip-vit-b32":
         p.error("--encoder-weights is for resnet50 and timm encoders; a CLIP comes from --clip")
+    if args.fsdp and args.device == "mps":
+        p.error("--fsdp shards a model across torchrun's CUDA or CPU processes, not on mps; "
+                "use --device cuda or cpu, or train without --fsdp")
+    if args.fsdp and args.dtype == "float16":
+        p.error("--fsdp trains in float32 or --dtype bfloat16 (float16 would need a sharded gradient scaler); "
+                "use --dtype bfloat16")
     if args.encoder == "clip-vit-b32":
         # A pretrained CLIP stays frozen unless asked; its crop size comes from its config when it is
         # loaded, and images are decoded at least this large meanwhile.
         args.train_encoder = bool(args.train_encoder)
         args.image_size = args.resize_size = 224
-    return args
+    return TrainSettings(**vars(args))  # the flags end here: from now on the run reads settings
 
 
 def tag_prompts(model, tokenizer, features, args) -> dict:
@@ -287,9 +302,23 @@ def main(argv=None):
             album_slots = max(len(ex.images) for ex in examples)  # a line naming several images asks for albums
             buckets = (args.length_buckets or length_thirds(examples, tokenizer)) if args.length_control else ()
             model, sources = backbones.build_model(args, tokenizer, styles, album_slots, buckets)
-        model.to(run.device).train()
-        model.encoder.to(memory_format=torch.channels_last)
-        amp = partial(training.autocast, run.device, args.dtype)
+        fsdp = args.fsdp and run.world_size > 1
+        if args.fsdp and not fsdp:
+            run.log("note: --fsdp shards the model across torchrun's processes; this run has one, so it trains "
+                    "unsharded, as without --fsdp")
+        if args.gradient_checkpointing:
+            training.checkpoint_activations(model.decoder)
+        if fsdp:  # the decoder stays on the CPU until shard() moves it to the GPU a shard at a time
+            for name, child in model.named_children():
+                if name != "decoder":
+                    child.to(run.device)
+            model.train()
+        else:
+            model.to(run.device).train()
+            # (FSDP cannot shard channels-last weights: they are not contiguous.)
+            model.encoder.to(memory_format=torch.channels_last)
+        # Under FSDP on a GPU its MixedPrecisionPolicy computes in bfloat16 instead of autocast (shard).
+        amp = partial(training.autocast, run.device, "float32" if fsdp and run.device.type == "cuda" else args.dtype)
         cache_dir = None if args.no_feature_cache else args.feature_cache or Path(args.out).parent / ".cache" / "features"
         features = training.cached_features(model, examples, run, images_dir=args.images, cache_dir=cache_dir,
                                             dtype=args.dtype, batch_size=args.batch_size, num_workers=args.num_workers)
@@ -297,12 +326,16 @@ def main(argv=None):
         loader, val_loader = training.make_loaders(model, tokenizer, examples, run, images_dir=args.images,
                                                    stories_path=args.stories, batch_size=args.batch_size,
                                                    num_workers=args.num_workers, val_split=args.val_split,
-                                                   seed=args.seed, features=features, prompts=prompts)
+                                                   seed=args.seed, features=features, prompts=prompts,
+                                                   val_on_every_rank=fsdp)
+        if fsdp:
+            shard(model, run, args.dtype)
 
         params = [p for p in model.parameters() if p.requires_grad]
         n_train, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
         lora = f", LoRA r={args.lora_rank} on {','.join(model.config.lora['target_modules'])}" if args.lora else ""
         where = f"{run.device}" + (f" x {run.world_size} processes" if run.world_size > 1 else "")
+        where += f" (FSDP: each holds 1/{run.world_size} of them)" if fsdp else ""
         run.log(f"model: {model.config.encoder} -> {model.config.mapper} mapper -> {model.config.prefix_length}-token "
                 f"prefix -> {model.decoder.config.model_type} ({model.decoder.config.num_hidden_layers} layers{lora}); training {n_train:,} of {n_total:,} "
                 f"parameters ({100 * n_train / n_total:.2f}%) on {where}, {args.dtype}")
@@ -316,12 +349,12 @@ def main(argv=None):
         scaler = torch.amp.GradScaler(run.device.type, enabled=args.dtype == "float16")
         if run.world_size > 1:
             torch.manual_seed(args.seed + run.rank)  # each process draws its own dropout masks
-        progress = (checkpoint.restore(ckpt, run, optimizer, scheduler, scaler) if ckpt is not None
-                    else checkpoint.Progress())
+        progress = (checkpoint.restore(ckpt, run, optimizer, scheduler, scaler, model=model, batch_size=args.batch_size)
+                    if ckpt is not None else checkpoint.Progress())
         ddp_model = (DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
-                     if run.world_size > 1 else model)
+                     if run.world_size > 1 and not fsdp else model)
         save_here = partial(checkpoint.save_training, args=args, run=run, model=model, sources=sources, tokenizer=tokenizer,
-                            optimizer=optimizer, scheduler=scheduler, scaler=scaler, data_id=data_id)
+                            optimizer=optimizer, scheduler=scheduler, scaler=scaler, data_id=data_id, sharded=fsdp)
         last_saved = None  # (file, step) of the newest good checkpoint of this run
         if ckpt is not None:
             if progress.epoch == args.epochs:
@@ -343,7 +376,7 @@ def main(argv=None):
                            desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True, disable=None if run.main else True)
                 running = None
                 while micro_batches := list(itertools.islice(batches, args.grad_accum)):
-                    loss = training.forward_backward(ddp_model, micro_batches, run.device, amp, scaler)
+                    loss = training.forward_backward(ddp_model, micro_batches, run.device, amp, scaler, run.world_size)
                     finite, stopping = agree(run, loss, stop.requested is not None)
                     if not finite:  # stop before the update: the last checkpoint stays good
                         raise non_finite_loss(loss, args, progress, last_saved)
@@ -373,10 +406,11 @@ def main(argv=None):
                 progress.epoch, progress.batches = epoch + 1, 0
                 line = f"epoch {epoch + 1}/{args.epochs}: train loss {running:.4f}" if running is not None else \
                     f"epoch {epoch + 1}/{args.epochs}"
-                if val_loader is not None:
+                if val_loader is not None:  # (under FSDP every process computes it: each holds a shard)
                     val_loss = training.validation_loss(model, val_loader, run.device, amp)
                     line += f", val loss {val_loss:.4f}"
-                    log.write(progress.step, epoch=epoch + 1, val_loss=val_loss)
+                    if log:
+                        log.write(progress.step, epoch=epoch + 1, val_loss=val_loss)
                 run.log(f"{line} ({time.time() - start:.0f}s)")
         if log:
             log.close()

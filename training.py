@@ -83,8 +83,10 @@ def cached_features(model, examples, run, *, images_dir, cache_dir, dtype, batch
 
 
 def make_loaders(model, tokenizer, examples, run, *, images_dir, stories_path, batch_size, num_workers, val_split,
-                 seed, features=None, prompts=None):
-    """Training and validation loaders; batches carry images, or cached features when given."""
+                 seed, features=None, prompts=None, val_on_every_rank=False):
+    """Training and validation loaders; batches carry images, or cached features when given. The first
+    process alone computes the validation loss, unless val_on_every_rank (FSDP, whose processes each
+    hold a shard of the model, so every one takes part in every forward)."""
     config = model.config
     context = decoder_sizes(model.decoder.config)[2]
     max_tokens = context - config.prefix_tokens
@@ -112,7 +114,7 @@ def make_loaders(model, tokenizer, examples, run, *, images_dir, stories_path, b
     # Its own generator, so that starting an epoch draws nothing from the global random state.
     loader = DataLoader(train_set, sampler=sampler, generator=torch.Generator().manual_seed(seed), **common)
     val_loader = (DataLoader(val_set, generator=torch.Generator().manual_seed(seed), **common)
-                  if val_set is not None and run.main else None)
+                  if val_set is not None and (run.main or val_on_every_rank) else None)
     n_images = len({name for ex in train_examples for name in ex.images})
     albums = sum(len(ex.images) > 1 for ex in examples)
     run.log(f"data: {len(train_examples)} stories of {n_images} images for training, "
@@ -128,23 +130,44 @@ def make_loaders(model, tokenizer, examples, run, *, images_dir, stories_path, b
     return loader, val_loader
 
 
+def checkpoint_activations(decoder) -> None:
+    """--gradient-checkpointing: each decoder block keeps only its input for the backward pass and runs
+    its forward again there, instead of keeping every activation inside it (transformers' own switch).
+    Non-reentrant, torch's recommended variant: it works under FSDP and needs no input that requires grad."""
+    decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 # ----------------------------------------------------------------------------- one step
 
-def forward_backward(model, micro_batches, device, amp, scaler) -> torch.Tensor:
+def forward_backward(model, micro_batches, device, amp, scaler, world_size=1) -> torch.Tensor:
     """Adds up the gradient of one optimizer step over its micro-batches and returns the mean loss per
     story token. Each micro-batch counts by its share of the step's story tokens, so --grad-accum 2 at
-    --batch-size 8 gives the gradient of one batch of 16."""
+    --batch-size 8 gives the gradient of one batch of 16. Under torchrun (world_size processes, DDP or
+    FSDP) the share is of every process's tokens, so 2 processes at --batch-size 8 also give the
+    gradient of one batch of 16, and every process returns the loss of all of them."""
     tokens = [int(batch["attention_mask"].sum()) for batch in micro_batches]
+    per_process = float(sum(tokens))  # story tokens of a process: its own, or all processes' mean
+    if world_size > 1:
+        # DDP and FSDP average the processes' gradients: a loss scaled by world_size x this process's
+        # share of all the tokens averages to the gradient of one batch of all of them. (Without it each
+        # process's stories weigh as much as the other's, whatever their lengths.)
+        count = torch.tensor(per_process, device=device)
+        dist.all_reduce(count)
+        per_process = count.item() / world_size
     total = torch.zeros((), device=device)
     for i, (batch, n) in enumerate(zip(micro_batches, tokens)):
         last = i == len(micro_batches) - 1
-        # Under DDP only the last micro-batch averages the gradient across processes.
+        # Under DDP only the last micro-batch averages the gradient across processes. (FSDP reduces
+        # every micro-batch's into the shards: skipping it would keep whole gradients, the memory FSDP saves.)
         sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else nullcontext()
         with sync:
             with amp():
-                loss = model(**to_device(batch, device)).loss * (n / sum(tokens))
+                loss = model(**to_device(batch, device)).loss * (n / per_process)
             scaler.scale(loss).backward()
         total += loss.detach()
+    if world_size > 1:
+        dist.all_reduce(total)
+        total /= world_size
     return total
 
 
