@@ -29,6 +29,8 @@ class TrainSettings:
     length_control: bool
     length_buckets: list | None
     tags: int
+    tag_min_prob: float  # with tags: a class after the first is named only this sure
+    tags_asked: bool  # --tags was given on the command line (else tags is the preset's default, or 0)
     encoder: str
     clip: str
     mapper: str

@@ -10,6 +10,7 @@
 """
 import argparse
 import bisect
+import dataclasses
 import hashlib
 import itertools
 import math
@@ -283,7 +284,7 @@ def main(argv=None):
         data_id = hashlib.sha256(repr([(ex.image, ex.story, ex.style) for ex in examples]).encode()).hexdigest()[:16]
         if args.tags and not args.tags_asked and any(len(ex.images) > 1 for ex in examples):
             run.log("tags: off, as the preset's tags are for stories of single images and these are albums")
-            args.tags = 0
+            args = dataclasses.replace(args, tags=0)  # (the settings are frozen: a copy with tags off)
         ckpt = checkpoint.load_resume(args, run) if args.resume else None
         if ckpt is not None and ckpt["train"]["data"] != data_id:
             raise UserError(f"{args.stories}: the stories changed since {args.resume} was saved; "
