@@ -27,7 +27,7 @@ warnings.filterwarnings("ignore", message="Passing `(no_repeat_ngram_size|repeti
 
 # For a model with tags: how much the words of a picture's tags are favoured until its story says
 # one (MentionTags). Measured on photos the model never saw: docs/backbones.md.
-TAG_BIAS = 4.0
+TAG_BIAS = 0.0
 # A story wants some surprise but stays on topic: top-k sampling, a little cooler than 1.
 DEFAULTS = dict(strategy="sample", top_k=50, top_p=1.0, temperature=0.8, num_beams=4,
                 repetition_penalty=1.0, no_repeat_ngram_size=3, max_new_tokens=80, num_stories=1, tag_bias=TAG_BIAS)
