@@ -7,6 +7,7 @@ transformers' generate and formatted. generate.py, app.py and evaluate.py use it
 """
 import functools
 import json
+import re
 import warnings
 
 import torch
@@ -152,6 +153,27 @@ KINDS = [((0, 6), "fish"), ((7, 24), "bird"), ((25, 29), "amphibian"), ((30, 32)
          ((985, 986), "flower"), ((991, 997), "mushroom")]
 
 
+# For the other classes (mostly things people make), the kind is the first of these words in the
+# head of WordNet's own definition of the class, which timm ships: "pickup: a light truck with ..."
+# is a truck, "banjo: a stringed instrument ..." an instrument.
+GLOSS_KINDS = set("""car truck van bus vehicle boat ship aircraft airplane train locomotive bicycle motorcycle
+instrument hat helmet cap garment dress coat shoe boot tool building house church tower bridge shed tent toy
+weapon gun ball chair table bed lamp clock bag box bottle dish bowl cup pot pan knife""".split())
+
+
+def gloss_kind(index: int) -> str | None:
+    """The GLOSS_KINDS word in the head of the class's WordNet definition (its words before the first
+    "to", "that", "with", ...: "screen to keep insects from entering a building" is no building), if any."""
+    definition = imagenet_info().index_to_description(index, detailed=True).partition(": ")[2].lower()
+    definition = re.sub(r"^(any|one) of (various|several|the|a)?\s*", "", definition)  # "any of various large trucks"
+    head = re.split(r"[;,(]| (?:to|that|with|for|used|which|in|on|from|by|of|having|consisting) ", definition)[0]
+    for word in head.split():
+        for kind in (word, word[:-1] if word.endswith("s") else None):  # "trucks" is a truck
+            if kind in GLOSS_KINDS:
+                return kind
+    return None
+
+
 @functools.cache
 def tag_name(index: int) -> str:
     """The words a class is written with: ImageNet's first name for it, or, where that is one word and
@@ -160,7 +182,7 @@ def tag_name(index: int) -> str:
     names = [name.strip() for name in imagenet_info().index_to_description(index).split(",")]
     if len(names[0].split()) == 1:
         names[0] = next((n for n in names[1:] if len(n.split()) == 2 and n.split()[0] == names[0]), names[0])
-    kind = next((kind for (first, last), kind in KINDS if first <= index <= last), None)
+    kind = next((kind for (first, last), kind in KINDS if first <= index <= last), None) or gloss_kind(index)
     return names[0] if kind is None or kind in names[0].lower() else f"{names[0]} ({kind})"
 
 

@@ -32,7 +32,10 @@ def test_a_tag_is_written_with_its_kind():
     assert tag_name(285) == "Egyptian cat"  # two words already, the kind among them
     assert tag_name(953) == "pineapple (fruit)"  # "pineapple, ananas": no two-word name begins with it
     assert tag_name(98) == "red-breasted merganser (bird)" and tag_name(350) == "ibex (goat)"  # not "Capra ibex"
-    assert tag_name(401) == "accordion"  # an artifact: no kind
+    assert tag_name(587) == "hammer (tool)" and tag_name(555) == "fire engine (truck)"  # WordNet's definitions:
+    # "a hand tool with ...", "any of various large trucks that ..."
+    assert tag_name(904) == "window screen"  # "screen to keep insects from entering a building" is no building
+    assert tag_name(968) == "cup"  # the name is its kind
     assert metrics.tag_words("red-breasted merganser (bird)") == ["merganser", "bird"]
     assert metrics.tag_words("tabby cat") == ["cat"] and metrics.tag_words("ox") == []
 
