@@ -171,7 +171,6 @@ def read_tensors(path: Path, where: str) -> dict:
 
 def read_folder(folder: Path, where: str) -> dict:
     """A model folder as the checkpoint dict checkpoint.load_checkpoint returns (without optimizer state)."""
-    from tokenizers import Tokenizer
     missing = [name for name in NEEDED if not (folder / name).is_file()]
     if missing:
         raise UserError(f"{where}: not a model folder ({', '.join(missing)} missing); a model folder is written by "
@@ -182,13 +181,10 @@ def read_folder(folder: Path, where: str) -> dict:
         raise UserError(f"{where}: its {CONFIG} is not a model folder's of this repo (format_version {FOLDER_FORMAT}); {REMAKE}")
     if wrong := [key for key, kind in kinds.items() if not isinstance(config.get(key), kind)]:
         raise UserError(f"{where}: its {CONFIG} has {', '.join(wrong)} missing or malformed; {REMAKE}")
-    text = read_text(folder / TOKENIZER, where)
-    try:  # the compact form the .pt stores, so a round trip gives the same string
-        text = Tokenizer.from_str(text).to_str()
-    except Exception as err:  # the tokenizers library raises a bare Exception
-        raise UserError(f"{where}: its {TOKENIZER} is unreadable ({str(err)[:120]}); {REMAKE}") from None
+    # (save_pretrained's indented JSON, parsed once by load_model; convert() stores the .pt's compact form)
     ckpt = {"format": checkpoint.CHECKPOINT_FORMAT, "config": config["story_config"], "sources": config["sources"],
-            "model": read_tensors(folder / WEIGHTS, where), "tokenizer": text, "eos_token": config["eos_token"]}
+            "model": read_tensors(folder / WEIGHTS, where), "tokenizer": read_text(folder / TOKENIZER, where),
+            "eos_token": config["eos_token"]}
     if (folder / "chat_template.jinja").is_file():
         ckpt["chat_template"] = read_text(folder / "chat_template.jinja", where)
     training = read_json(folder / TRAINING, where) if (folder / TRAINING).is_file() else {}
@@ -473,9 +469,11 @@ def convert(source, out, datasets=()) -> str:
     if not str(out).endswith(".pt") or Path(out).is_dir():
         raise UserError(f"{out}: a model folder converts to a checkpoint file; name one ending in .pt")
     ckpt = checkpoint.load_checkpoint(source)
-    model, _ = checkpoint.load_model(ckpt, where=str(source))  # refuses what could not be used, before anything is written
-    # safetensors keeps tensors sorted by name: back in the model's order, as train.py saves them
+    model, tokenizer = checkpoint.load_model(ckpt, where=str(source))  # refuses what could not be used, before anything is written
+    # safetensors keeps tensors sorted by name: back in the model's order, as train.py saves them; the
+    # tokenizer in the compact JSON train.py stores
     ckpt["model"] = {k: ckpt["model"][k] for k in checkpoint.stored_state(model, ckpt["sources"])}
+    ckpt["tokenizer"] = backbones.tokenizer_to_json(tokenizer)
     checkpoint.check_writable(out)
     checkpoint.save_checkpoint(ckpt, out)
     return f"wrote {out} (the folder's weights, tokenizer and training record; no optimizer state to resume from)"
