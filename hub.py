@@ -7,6 +7,7 @@ before any tensor is read), and fetched by hub name (user/name) through huggingf
     hf upload user/my_model my_model/                    # the hub's own tool uploads it
     python generate.py photo.jpg --checkpoint user/my_model
 """
+import glob
 import json
 import math
 import os
@@ -399,6 +400,8 @@ def write_folder(folder, ckpt: dict, training: dict, card: str) -> None:
     check_target(folder)
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
+        for leftover in folder.parent.glob(f".{glob.escape(folder.name)}.*.tmp"):  # what a killed write left
+            shutil.rmtree(leftover, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     except OSError as err:
         raise UserError(f"{folder}: cannot write the model folder ({err.strerror}); choose another place") from None
@@ -427,8 +430,8 @@ def write_folder(folder, ckpt: dict, training: dict, card: str) -> None:
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
         if folder.is_dir():  # two renames: the old folder is whole until the new one is in place
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".old", dir=folder.parent))
-            os.replace(folder, old)
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+            os.replace(folder, old)  # (named .tmp too: a write killed between the renames leaves it to clean up)
             os.replace(tmp, folder)
             shutil.rmtree(old, ignore_errors=True)
         else:

@@ -3,7 +3,6 @@ same tensors and stories; every script loads a folder and a hub name from the Hu
 model card's YAML header is the hub's; and each bad folder is refused with one line, nothing built."""
 import hashlib
 import json
-import os
 import shutil
 import struct
 
@@ -166,13 +165,17 @@ def test_the_card_names_the_small_presets_base_models_and_their_licence():
     assert header["base_model"] == ["openai-community/gpt2", "timm/resnet50.tv2_in1k"] and header["license"] == "other"
 
 
-def test_chat_template_goes_with_the_tokenizer_files(tiny_checkpoint, tmp_path):
+def test_chat_template_goes_with_the_tokenizer_files_and_a_rewrite_replaces_the_folder_whole(tiny_checkpoint, tmp_path):
     ckpt = load_checkpoint(tiny_checkpoint)
     template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+    (tmp_path / ".chat.killed.tmp").mkdir()  # what a write killed before its rename leaves
     hub.write_folder(tmp_path / "chat", {**ckpt, "chat_template": template}, {}, "card\n")
     assert (tmp_path / "chat" / "chat_template.jinja").read_text() == template
     assert load_checkpoint(tmp_path / "chat")["chat_template"] == template
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    hub.write_folder(tmp_path / "chat", {**ckpt, "chat_template": None}, {}, "second card\n")
+    assert (tmp_path / "chat" / "README.md").read_text() == "second card\n"
+    assert not (tmp_path / "chat" / "chat_template.jinja").exists()  # the earlier folder's files went with it
+    assert [p.name for p in tmp_path.iterdir()] == ["chat"]  # no temporary folder left
 
 
 def test_train_py_writes_the_folder_and_resume_takes_only_the_pt(tmp_path):
@@ -201,7 +204,7 @@ def test_train_py_writes_the_folder_and_resume_takes_only_the_pt(tmp_path):
 
 # ----------------------------------------------------------------------------- bad folders
 
-def safetensors_bytes(header: dict, data: bytes, pad=True) -> bytes:
+def safetensors_bytes(header: dict, data: bytes) -> bytes:
     raw = json.dumps(header).encode()
     return struct.pack("<Q", len(raw)) + raw + data
 
