@@ -131,8 +131,8 @@ def load_model(ckpt: dict, decoder=None, encoder_weights=None, clip=None, where=
         example = lambda names: f" ({names[0][:60]}, ...)" if names else ""
         raise UserError(f"{where}: its weights do not match its config ({len(missing)} missing{example(missing)}, "
                         f"{len(unexpected)} unexpected tensors{example(unexpected)}); {incompatible}")
-    for key, tensor in state.items():  # load_state_dict would quietly cast a tensor of another dtype
-        if not isinstance(tensor, torch.Tensor) or tensor.dtype != own[key].dtype:
+    for key, tensor in state.items():  # load_state_dict would quietly cast a tensor of another dtype (and names other shapes)
+        if not isinstance(tensor, torch.Tensor) or (tensor.shape == own[key].shape and tensor.dtype != own[key].dtype):
             raise UserError(f"{where}: its weights do not fit its config ({key} is "
                             f"{getattr(tensor, 'dtype', type(tensor).__name__)}, the model's {own[key].dtype}); {incompatible}")
     try:
