@@ -64,8 +64,8 @@ def snapshot(name: str) -> Path:
         return Path(snapshot_download(name, allow_patterns=HUB_FILES, local_files_only=True))
     except Exception:  # not cached (LocalEntryNotFoundError, or a repository id the hub refuses)
         pass
-    ways_out = (f"check the name, or fetch it where the hub is reachable (hf download {name} --local-dir DIR) "
-                f"and pass --checkpoint DIR")
+    ways_out = (f"nor is it a file or folder here; check the name, or fetch it where the hub is reachable "
+                f"(hf download {name} --local-dir DIR) and pass --checkpoint DIR")
     backbones._check_hub("the model", name, ways_out)  # one line at once, not minutes of retries
     try:
         return Path(snapshot_download(name, allow_patterns=HUB_FILES))

@@ -121,7 +121,7 @@ def test_a_hub_name_resolves_from_the_cache_offline_and_an_uncached_one_is_one_l
     errors = [line for line in missing.stderr.splitlines() if line.startswith("error:")]
     assert missing.returncode == 2 and missing.stdout == "" and "Traceback" not in missing.stderr
     assert errors == ["error: cannot load the model 'user/other': not in the Hugging Face cache and the hub is not "
-                      "reachable; check the name, or fetch it where the hub is reachable (hf download user/other "
+                      "reachable; nor is it a file or folder here; check the name, or fetch it where the hub is reachable (hf download user/other "
                       "--local-dir DIR) and pass --checkpoint DIR"]
 
 
