@@ -456,9 +456,21 @@ def save_folder(pt_path, folder, datasets=()) -> str:
     training = training_summary(ckpt, pt_path)
     card = model_card(ckpt["config"], ckpt.get("sources", {}), training, sample_stories(teller, training["args"]),
                       metrics_beside(pt_path), datasets, title=Path(folder).name)
-    write_folder(folder, ckpt, training, card)
+    write_folder(folder, {**ckpt, "chat_template": chat_template(ckpt)}, training, card)
     size = (Path(folder) / WEIGHTS).stat().st_size / 2 ** 20
     return f"wrote the model folder {folder} ({WEIGHTS} {size:.1f} MiB; upload it with `hf upload USER/NAME {folder}`)"
+
+
+def chat_template(ckpt: dict) -> str | None:
+    """The decoder's chat template: the checkpoint's, or for one saved before checkpoints kept it, that
+    of the frozen decoder's own tokenizer (the same tokenizer: a frozen decoder keeps its own)."""
+    if isinstance(ckpt.get("chat_template"), str) or not (ckpt.get("sources") or {}).get("decoder"):
+        return ckpt.get("chat_template")
+    try:
+        template = backbones.load_tokenizer(ckpt["sources"]["decoder"]).chat_template
+    except UserError:  # not on this machine: the folder is complete without it, generation does not use it
+        return None
+    return template if isinstance(template, str) else None
 
 
 def convert(source, out, datasets=()) -> str:

@@ -11,6 +11,7 @@ import torch
 import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+import backbones
 import hub
 from conftest import DATA, run_main, write_stories
 from checkpoint import load_checkpoint, load_model
@@ -180,6 +181,17 @@ def test_chat_template_goes_with_the_tokenizer_files_and_a_rewrite_replaces_the_
     assert (tmp_path / "chat" / "README.md").read_text() == "second card\n"
     assert not (tmp_path / "chat" / "chat_template.jinja").exists()  # the earlier folder's files went with it
     assert [p.name for p in tmp_path.iterdir()] == ["chat"]  # no temporary folder left
+
+
+def test_an_older_checkpoint_takes_the_chat_template_of_its_frozen_decoders_tokenizer(tiny_checkpoint, tmp_path):
+    ckpt = load_checkpoint(tiny_checkpoint)
+    tokenizer = backbones.tokenizer_from_json(ckpt["tokenizer"], ckpt["eos_token"])
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tokenizer.save_pretrained(tmp_path / "decoder")  # where a frozen decoder came from
+    older = {k: v for k, v in ckpt.items() if k != "chat_template"}
+    assert hub.chat_template({**older, "sources": {"decoder": str(tmp_path / "decoder")}}) == tokenizer.chat_template
+    assert hub.chat_template({**older, "sources": {"decoder": str(tmp_path / "gone")}}) is None
+    assert hub.chat_template({**older, "chat_template": "its own"}) == "its own"
 
 
 def test_train_py_writes_the_folder_and_resume_takes_only_the_pt(tmp_path):
