@@ -55,12 +55,20 @@ def save_checkpoint(obj: dict, path) -> None:
 
 
 def load_checkpoint(path) -> dict:
-    """Loads a checkpoint written by train.py; a file can never run code (see load_torch_file)."""
+    """Loads a checkpoint written by train.py: a .pt file, a model folder, or a hub name (user/name) whose
+    folder is in the Hugging Face cache or is fetched. Neither can run code (see load_torch_file and hub.read_folder)."""
+    import hub  # (here, not above: hub.py builds on this file to convert checkpoints)
+    if (folder := hub.find_folder(path)) is not None:
+        return check_checkpoint(hub.read_folder(folder, where=str(path)), path)
     try:
         ckpt = load_torch_file(path, "checkpoint")
     except FileNotFoundError:
-        raise UserError(f"{path}: checkpoint not found; train one with `python train.py` "
-                        f"(or `python train.py --preset tiny` offline) or pass --checkpoint FILE") from None
+        raise UserError(hub.not_found(path)) from None
+    return check_checkpoint(ckpt, path)
+
+
+def check_checkpoint(ckpt, path) -> dict:
+    """ckpt, if it holds what every checkpoint must (a file's, or a folder's read by hub.read_folder)."""
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path}: not a checkpoint written by this repo's train.py (format {CHECKPOINT_FORMAT}; "
                         f"a bare state_dict has no config to rebuild the model from)")
@@ -119,10 +127,16 @@ def load_model(ckpt: dict, decoder=None, encoder_weights=None, clip=None, where=
         path = encoder_weights or (None if sources["encoder"] in ("imagenet", "timm") else sources["encoder"])
         backbones.load_encoder_weights(model.encoder, config.encoder, path)
     state = ckpt["model"]
-    expected = set(stored_state(model, sources))
-    if set(state) != expected:
-        raise UserError(f"{where}: its weights do not match its config ({len(expected - set(state))} missing, "
-                        f"{len(set(state) - expected)} unexpected tensors); {incompatible}")
+    own = stored_state(model, sources)
+    if set(state) != set(own):
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        example = lambda names: f" ({names[0][:60]}, ...)" if names else ""
+        raise UserError(f"{where}: its weights do not match its config ({len(missing)} missing{example(missing)}, "
+                        f"{len(unexpected)} unexpected tensors{example(unexpected)}); {incompatible}")
+    for key, tensor in state.items():  # load_state_dict would quietly cast a tensor of another dtype (and names other shapes)
+        if not isinstance(tensor, torch.Tensor) or (tensor.shape == own[key].shape and tensor.dtype != own[key].dtype):
+            raise UserError(f"{where}: its weights do not fit its config ({key} is "
+                            f"{getattr(tensor, 'dtype', type(tensor).__name__)}, the model's {own[key].dtype}); {incompatible}")
     try:
         model.load_state_dict(state, strict=False)
     except RuntimeError as err:
@@ -188,6 +202,8 @@ def save_training(path, *, args: TrainSettings, run, model, sources, tokenizer, 
         "model": stored_state(model, sources, state),
         "tokenizer": backbones.tokenizer_to_json(tokenizer),
         "eos_token": tokenizer.eos_token,
+        # An instruct decoder's chat template: a model folder's tokenizer files carry it (generation does not need it).
+        "chat_template": tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None,
         "train": {"args": args.to_dict(), "step": progress.step, "epoch": progress.epoch,
                   "batches": progress.batches, "world_size": run.world_size, "data": data_id, "rng": rngs,
                   "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
@@ -203,6 +219,9 @@ def load_resume(args: TrainSettings, run) -> dict:
     (processes x --batch-size x --grad-accum): 2 processes at --batch-size 4 onto 1 at --batch-size 8."""
     ckpt = load_checkpoint(args.resume)
     state = ckpt.get("train", {})
+    if "rng" not in state and not Path(args.resume).is_file():  # a model folder, here or a hub name's
+        raise UserError(f"{args.resume}: is a model folder, which holds no optimizer state; resume from the .pt "
+                        f"that train.py saved beside it (--out DIR/ writes DIR.pt), or train again without --resume")
     if "rng" not in state:
         raise UserError(f"{args.resume}: holds no training state to resume from; train again without --resume")
     other_world = state["world_size"] != run.world_size

@@ -31,7 +31,7 @@ def parse_args(argv=None):
                         "for a model trained on albums")
     p.add_argument("--images", dest="images_dir", metavar="DIR",
                    help="folder the names in a list are relative to (default: the list's own folder)")
-    p.add_argument("--checkpoint", default="vlm_model.pt", help="checkpoint written by train.py (default: %(default)s)")
+    p.add_argument("--checkpoint", default="vlm_model.pt", help="checkpoint written by train.py: a .pt file, a model folder or a hub name user/name (default: %(default)s)")
     add_decoding_args(p)
     p.add_argument("--batch-size", type=positive_int, default=8, help="images encoded and decoded together (default: %(default)s)")
     p.add_argument("--style", help="style of the stories, for a model trained with a style column (default: no style)")

