@@ -253,15 +253,30 @@ def image_problems(examples: list[Example], images_dir, stories_path, min_side=N
 
 
 def split_by_image(examples: list[Example], fraction: float, seed: int):
-    """Holds out a fraction of the images (all their stories) for validation."""
-    images = sorted({ex.image for ex in examples})
+    """Holds out a fraction of the images (all their stories) for validation. Albums that share a
+    picture, and that picture's own stories, are held out together: split by each line's image field
+    alone, a picture could be trained on in one album and "unseen" in another's validation."""
+    group = {}  # picture -> a picture told together with it; following the chain leads to its group's name
+
+    def find(name):
+        while group.setdefault(name, name) != name:
+            name = group[name]
+        return name
+    for ex in examples:
+        for name in ex.images[1:]:
+            group[find(name)] = find(ex.images[0])
+    # Each group is known by the first image field among its lines: without shared pictures, the split is as before.
+    unit = {}
+    for ex in examples:
+        unit[find(ex.images[0])] = min(unit.get(find(ex.images[0]), ex.image), ex.image)
+    images = sorted(set(unit.values()))
     random.Random(seed).shuffle(images)
     n_val = int(len(images) * fraction)
     if n_val == 0 or n_val == len(images):
         return examples, []
     held_out = set(images[:n_val])
-    return ([ex for ex in examples if ex.image not in held_out],
-            [ex for ex in examples if ex.image in held_out])
+    return ([ex for ex in examples if unit[find(ex.images[0])] not in held_out],
+            [ex for ex in examples if unit[find(ex.images[0])] in held_out])
 
 
 class StoryDataset(Dataset):
