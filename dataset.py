@@ -418,7 +418,8 @@ class FeatureCache:
             features = torch.load(self.dir / f"{key}.pt", map_location="cpu", weights_only=True)
         except Exception:  # missing, or damaged by a crash or a full disk: encode it again
             return None
-        ok = isinstance(features, torch.Tensor) and features.shape == (self.feature_dim,)
+        # save writes float32: another dtype is a file from elsewhere, and would crash the float32 mapper mid-run
+        ok = isinstance(features, torch.Tensor) and features.shape == (self.feature_dim,) and features.dtype == torch.float32
         return features if ok else None
 
     def save(self, key: str, features: torch.Tensor) -> None:

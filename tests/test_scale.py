@@ -66,6 +66,37 @@ def test_feature_cache_encodes_each_image_once_and_never_serves_a_stale_one(tmp_
     assert sum(encoded) == 1 and "1 of 2 images read" in capsys.readouterr().out
 
 
+def test_a_damaged_or_foreign_cache_file_is_a_miss_encoded_again(tmp_path, capsys):
+    """A cache file cut short by a crash, emptied, overwritten, or holding a tensor of the wrong shape
+    or dtype is never served: its image is encoded again and the file rewritten."""
+    from distributed import Run
+    from training import cached_features
+    torch.manual_seed(0)
+    decoder = GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=40, vocab_size=50)
+    model = StoryModel(StoryConfig(encoder="resnet-tiny", image_size=32, resize_size=32, decoder=decoder.to_dict()))
+    model.config.train_encoder = False
+    names = sorted({line.split("\t")[0] for line in STORIES})[:6]
+    examples = [dataset.Example(name, "s", i) for i, name in enumerate(names)]
+    features = lambda: cached_features(model.eval(), examples, Run(torch.device("cpu")), images_dir=DATA / "images",
+                                       cache_dir=tmp_path, dtype="float32", batch_size=4, num_workers=0)
+    fresh = features()
+    [folder] = tmp_path.iterdir()
+    files = [folder / f"{dataset.FeatureCache.key(DATA / 'images' / name)}.pt" for name in names]
+    assert sorted(folder.iterdir()) == sorted(files) and "0 of 6 images read" in capsys.readouterr().out
+    originals = {f: f.read_bytes() for f in files}
+    files[0].write_bytes(originals[files[0]][:len(originals[files[0]]) // 2])  # cut short
+    files[1].write_bytes(b"")
+    files[2].write_text("not a tensor")
+    torch.save(torch.zeros(7), files[3])  # another encoder's width
+    torch.save(fresh[names[4]].double(), files[4])  # the right shape, not the dtype the cache writes
+    again = features()
+    assert "1 of 6 images read from" in capsys.readouterr().out  # only the untouched one
+    for name in names:
+        assert again[name].dtype == torch.float32 and torch.allclose(again[name], fresh[name], atol=1e-6), name
+    assert [f.read_bytes() for f in files[:4]] == [originals[f] for f in files[:4]]  # rewritten whole
+    assert torch.load(files[4], weights_only=True).dtype == torch.float32 and sorted(folder.iterdir()) == sorted(files)
+
+
 def test_the_cache_key_changes_with_the_encoder_and_the_preprocessing():
     def fingerprint(seed, image_size=32, dtype="float32"):
         torch.manual_seed(seed)
