@@ -287,10 +287,14 @@ def test_tags_write_the_encoders_own_imagenet_classes_before_the_story(backbones
     assert result.returncode == 0 and result.stdout.startswith("Generated Story:\n"), result.stderr
 
 
-def test_tags_need_a_pretrained_timm_classifier(backbones, tmp_path):
+def test_tags_need_a_pretrained_timm_classifier(backbones, tmp_path, capsys):
     root, stories = backbones
-    with pytest.raises(SystemExit):  # argparse: a ResNet-50 has no timm classifier to read
+    with pytest.raises(SystemExit) as refused:  # argparse: a ResNet-50 has no timm classifier to read
         train.parse_args(["--tags", "3", "--encoder", "resnet50"])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(  # after argparse's program name
+        ": error: --tags reads a frozen pretrained timm encoder's ImageNet classifier: use --encoder "
+        "timm:NAME without --train-encoder, or --tags 0")
     torch.save({k: v for k, v in torch.load(root / "effnet.pth", weights_only=True).items()
                 if not k.startswith("classifier.")}, tmp_path / "headless.pth")
     with pytest.raises(UserError, match="have no ImageNet classifier to name what a picture shows"):
