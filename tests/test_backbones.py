@@ -70,8 +70,8 @@ def test_timm_preprocessing_is_timms_own_pixel_for_pixel():
 
 def test_llama_decoder_frozen_with_a_frozen_timm_encoder(backbones, tmp_path, capsys):
     """Mapper-only training on a Llama and a timm encoder: features come from the cache, neither
-    backbone changes or is stored, every story ends with the Llama's own end token, and the
-    checkpoint reloads to the same logits."""
+    backbone changes or is stored, every story ends with the Llama's own end token, the checkpoint
+    reloads to the same logits, and both backbones reload from elsewhere when they have moved."""
     root, stories = backbones
     out = tmp_path / "m.pt"
     train.main(train_args(root, stories, out, "--decoder", root / "llama", "--freeze-decoder", "--encoder",
@@ -99,6 +99,22 @@ def test_llama_decoder_frozen_with_a_frozen_timm_encoder(backbones, tmp_path, ca
     result = run_main("generate.py", PHOTO, "--checkpoint", out, "--strategy", "greedy", "--max-new-tokens", "8")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Generated Story:\n") and len(result.stdout.split("\n")[1]) > 0
+
+    # The Llama folder and the encoder's file are not where training took them (another machine):
+    # generate.py and evaluate.py refuse, then --decoder and --encoder-weights say where they are now.
+    moved = tmp_path / "moved.pt"
+    torch.save({**ckpt, "sources": {"encoder": str(tmp_path / "gone.pth"), "decoder": str(tmp_path / "gone")}}, moved)
+    elsewhere = ["--decoder", root / "llama", "--encoder-weights", root / "effnet.pth"]
+    told = lambda ckpt, *flags: run_main("generate.py", PHOTO, "--checkpoint", ckpt, "--strategy", "greedy",
+                                         "--max-new-tokens", "8", *flags)
+    assert told(moved).returncode == 2 and told(moved, *elsewhere).stdout == result.stdout
+
+    def scored(ckpt, *flags):
+        run = run_main("evaluate.py", "--checkpoint", ckpt, "--images", DATA / "images", "--stories", stories,
+                       "--strategy", "greedy", "--max-new-tokens", "8", "--rank-images", "0", "--device", "cpu",
+                       "--clip", tmp_path / "no-clip-here", "--out", tmp_path / "metrics.json", *flags)
+        return run.returncode, run.returncode == 0 and json.loads((tmp_path / "metrics.json").read_text())["stories"]
+    assert scored(moved)[0] == 2 and scored(moved, *elsewhere) == scored(out)
 
 
 def test_llama_lora_with_peft_default_targets(backbones, tmp_path):
