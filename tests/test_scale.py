@@ -132,19 +132,34 @@ def test_grad_accum_gives_the_gradient_of_one_big_batch():
     torch.testing.assert_close(grad_two, grad_one)
 
 
-def test_torchrun_with_two_cpu_processes_trains_a_model_that_writes_stories(tmp_path, capsys):
+def test_torchrun_with_two_cpu_processes_trains_as_one_process_with_both_batches(tmp_path, capsys):
+    """2 gloo processes at --batch-size 2 train the mapper (encoder and decoder frozen: no dropout, the
+    same features) to the weights of one process at --batch-size 4, up to DDP averaging the two
+    processes' losses per story token equally where one process weighs each story's tokens: far
+    closer than one process at --batch-size 2 comes."""
     stories = write_stories(tmp_path / "s.txt", STORIES[:8])
+    common = ["--preset", "tiny", "--no-train-encoder", "--freeze-decoder", "--images", DATA / "images",
+              "--stories", stories, "--epochs", "2", "--val-split", "0", "--device", "cpu",
+              "--feature-cache", tmp_path / "cache"]
     out = tmp_path / "ddp.pt"
-    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-                        "--preset", "tiny", "--no-train-encoder", "--images", DATA / "images", "--stories", stories,
-                        "--epochs", "2", "--batch-size", "2", "--val-split", "0", "--out", out, "--device", "cpu",
-                        "--feature-cache", tmp_path / "cache", env={"OMP_NUM_THREADS": "1"})
+    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *common,
+                        "--batch-size", "2", "--out", out, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
     assert "x 2 processes" in result.stdout and result.stdout.count("saved ") == 1  # rank 0 logs and saves
     assert len(list((tmp_path / "cache").rglob("*.pt"))) == 4  # 4 images, each encoded once by one of the two
     ckpt = torch.load(out, weights_only=True)
     assert ckpt["train"]["world_size"] == 2 and ckpt["train"]["step"] == 4  # 8 stories / (2 x 2) per step, 2 epochs
 
+    def mapper(batch_size):
+        one = tmp_path / f"one_{batch_size}.pt"
+        train.main([*map(str, common), "--batch-size", str(batch_size), "--out", str(one)])
+        return torch.cat([v.flatten() for k, v in torch.load(one, weights_only=True)["model"].items() if k.startswith("mapper.")])
+    ddp = torch.cat([v.flatten() for k, v in ckpt["model"].items() if k.startswith("mapper.")])
+    together, alone = mapper(4), mapper(2)
+    # Measured: 0.066 of the way to --batch-size 2's mapper; without DDP's gradient averaging, 0.88.
+    assert (ddp - together).norm() < 0.2 * (alone - together).norm(), ((ddp - together).norm(), (alone - together).norm())
+
+    capsys.readouterr()  # (what the runs here logged)
     assert generate.main([str(DATA / "images" / "day_grass_house.jpg"), "--checkpoint", str(out),
                           "--strategy", "greedy", "--max-new-tokens", "8", "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
