@@ -23,11 +23,10 @@ from PIL import Image
 
 import app
 import generate
-from conftest import DATA, ROOT
+from conftest import CHROMIUM, DATA, ROOT, need_chromium
 from cli import UserError, run_cli
 
 BOAT = DATA / "images" / "night_sea_boat.jpg"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's package; `playwright install` is not used
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -279,8 +278,7 @@ def test_eight_clients_at_once_then_junk_and_a_hang_up_never_wedge_the_queue(ser
 
 
 def test_in_chromium_log_in_upload_generate_read_and_nothing_leaves_localhost(service, tmp_path):
-    if not Path(CHROMIUM).is_file():
-        pytest.skip("Chromium not found: install Debian's package (apt-get install -y chromium; .ci/run does)")
+    need_chromium()
     from playwright.sync_api import expect, sync_playwright
     outside = []
 

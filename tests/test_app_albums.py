@@ -20,7 +20,8 @@ import app
 import train
 from shapes import MORE, make_albums
 from storyteller import Storyteller
-from test_app import CHROMIUM, CHROMIUM_ARGS, free_port
+from conftest import CHROMIUM, need_chromium
+from test_app import CHROMIUM_ARGS, free_port
 
 
 @pytest.fixture(scope="module")
@@ -204,8 +205,7 @@ def test_the_album_input_opens_only_files_the_server_received(served, album_mode
 
 
 def test_in_chromium_upload_an_album_in_order_and_read_its_story(served, album_model):
-    if not Path(CHROMIUM).is_file():
-        pytest.skip("Chromium not found: install Debian's package (apt-get install -y chromium; .ci/run does)")
+    need_chromium()
     from playwright.sync_api import expect, sync_playwright
     checkpoint, unseen = album_model
     album = unseen[1][::-1]  # not the files' sorted order: the page must keep the order they were given in
