@@ -256,27 +256,28 @@ def split_by_image(examples: list[Example], fraction: float, seed: int):
     """Holds out a fraction of the images (all their stories) for validation. Albums that share a
     picture, and that picture's own stories, are held out together: split by each line's image field
     alone, a picture could be trained on in one album and "unseen" in another's validation."""
-    group = {}  # picture -> a picture told together with it; following the chain leads to its group's name
+    parent = {}  # picture -> a picture told with it; following parents leads to its group's root
 
-    def find(name):
-        while group.setdefault(name, name) != name:
-            name = group[name]
+    def root(name):
+        while parent.setdefault(name, name) != name:
+            name = parent[name]
         return name
-    for ex in examples:
+    for ex in examples:  # the pictures of one line are one group
         for name in ex.images[1:]:
-            group[find(name)] = find(ex.images[0])
-    # Each group is known by the first image field among its lines: without shared pictures, the split is as before.
-    unit = {}
+            parent[root(name)] = root(ex.images[0])
+    # A group is named by the first image field among its lines: without shared pictures, the split is as before.
+    fields = {}
     for ex in examples:
-        unit[find(ex.images[0])] = min(unit.get(find(ex.images[0]), ex.image), ex.image)
-    images = sorted(set(unit.values()))
+        fields.setdefault(root(ex.images[0]), []).append(ex.image)
+    unit = {group: min(names) for group, names in fields.items()}
+    images = sorted(unit.values())
     random.Random(seed).shuffle(images)
     n_val = int(len(images) * fraction)
     if n_val == 0 or n_val == len(images):
         return examples, []
     held_out = set(images[:n_val])
-    return ([ex for ex in examples if unit[find(ex.images[0])] not in held_out],
-            [ex for ex in examples if unit[find(ex.images[0])] in held_out])
+    return ([ex for ex in examples if unit[root(ex.images[0])] not in held_out],
+            [ex for ex in examples if unit[root(ex.images[0])] in held_out])
 
 
 class StoryDataset(Dataset):

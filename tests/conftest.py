@@ -50,7 +50,7 @@ def need_chromium():
 
 
 def pytest_terminal_summary(terminalreporter):
-    """A skipped browser test is one loud line at the very end, not one among the skips."""
+    """A skipped browser test is also one loud line in the summary, not only one among the skips."""
     skipped = [r for r in terminalreporter.stats.get("skipped", []) if NO_CHROMIUM in str(r.longrepr)]
     if skipped:
         terminalreporter.write_sep("!", f"{len(skipped)} browser test(s) SKIPPED: {NO_CHROMIUM}", red=True, bold=True)
