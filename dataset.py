@@ -253,15 +253,31 @@ def image_problems(examples: list[Example], images_dir, stories_path, min_side=N
 
 
 def split_by_image(examples: list[Example], fraction: float, seed: int):
-    """Holds out a fraction of the images (all their stories) for validation."""
-    images = sorted({ex.image for ex in examples})
+    """Holds out a fraction of the images (all their stories) for validation. Albums that share a
+    picture, and that picture's own stories, are held out together: split by each line's image field
+    alone, a picture could be trained on in one album and "unseen" in another's validation."""
+    parent = {}  # picture -> a picture told with it; following parents leads to its group's root
+
+    def root(name):
+        while parent.setdefault(name, name) != name:
+            name = parent[name]
+        return name
+    for ex in examples:  # the pictures of one line are one group
+        for name in ex.images[1:]:
+            parent[root(name)] = root(ex.images[0])
+    # A group is named by the first image field among its lines: without shared pictures, the split is as before.
+    fields = {}
+    for ex in examples:
+        fields.setdefault(root(ex.images[0]), []).append(ex.image)
+    unit = {group: min(names) for group, names in fields.items()}
+    images = sorted(unit.values())
     random.Random(seed).shuffle(images)
     n_val = int(len(images) * fraction)
     if n_val == 0 or n_val == len(images):
         return examples, []
     held_out = set(images[:n_val])
-    return ([ex for ex in examples if ex.image not in held_out],
-            [ex for ex in examples if ex.image in held_out])
+    return ([ex for ex in examples if unit[root(ex.images[0])] not in held_out],
+            [ex for ex in examples if unit[root(ex.images[0])] in held_out])
 
 
 class StoryDataset(Dataset):
@@ -403,7 +419,8 @@ class FeatureCache:
             features = torch.load(self.dir / f"{key}.pt", map_location="cpu", weights_only=True)
         except Exception:  # missing, or damaged by a crash or a full disk: encode it again
             return None
-        ok = isinstance(features, torch.Tensor) and features.shape == (self.feature_dim,)
+        # save writes float32: another dtype is a file from elsewhere, and would crash the float32 mapper mid-run
+        ok = isinstance(features, torch.Tensor) and features.shape == (self.feature_dim,) and features.dtype == torch.float32
         return features if ok else None
 
     def save(self, key: str, features: torch.Tensor) -> None:

@@ -36,6 +36,26 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: rank.get(item.path, 1))  # a stable sort: each file keeps its order
 
 
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's package; `playwright install` is not used
+NO_CHROMIUM = f"{CHROMIUM} not found: the browser tests need Debian's chromium package (apt-get install -y chromium)"
+
+
+def need_chromium():
+    """Skips a browser test on a machine without Chromium, and says so at the end of the run
+    (pytest_terminal_summary); with REQUIRE_CHROMIUM=1, as .ci/run sets it, the test fails instead."""
+    if not Path(CHROMIUM).is_file():
+        if os.environ.get("REQUIRE_CHROMIUM") == "1":
+            pytest.fail(f"{NO_CHROMIUM}; REQUIRE_CHROMIUM=1 asks for the browser tests to run")
+        pytest.skip(NO_CHROMIUM)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """A skipped browser test is also one loud line in the summary, not only one among the skips."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if NO_CHROMIUM in str(r.longrepr)]
+    if skipped:
+        terminalreporter.write_sep("!", f"{len(skipped)} browser test(s) SKIPPED: {NO_CHROMIUM}", red=True, bold=True)
+
+
 def run_script(*args, cwd=ROOT, env=None, timeout=300):
     """Runs one of the repo's scripts as a user would; returns the CompletedProcess."""
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}

@@ -8,6 +8,7 @@ import torch
 
 import dataset
 from conftest import run_main
+from cli import UserError
 from shapes import COLOURS, album_words, make_albums, make_lengths, sentences
 from storyteller import Storyteller
 
@@ -110,3 +111,28 @@ def test_a_model_without_length_control_says_so(albums):
     assert done.returncode == 2
     assert done.stderr.strip() == ("error: --length short: this model was trained without length control "
                                    "(train.py --length-control)")
+
+
+def test_length_thirds_splits_at_a_third_and_two_thirds_or_says_it_cannot():
+    from train import length_thirds
+    by_words = lambda texts, **kw: {"input_ids": [t.split() for t in texts]}  # a token per word
+    stories = lambda *lengths: [dataset.Example("a.jpg", " ".join(["word"] * n), i) for i, n in enumerate(lengths)]
+    assert length_thirds(stories(*range(1, 10)), by_words) == [3, 6]
+    assert length_thirds(stories(2, 2, 2, 5, 5, 9, 9, 9, 9), by_words) == [2, 5]
+    for lengths, told in [((5,) * 6, "5 to 5"), ((2, 2, 2, 5, 5, 5), "2 to 5")]:  # one group, two groups
+        with pytest.raises(UserError, match=rf"^--length-control: the stories' lengths \({told} tokens\) do not split "
+                                            rf"into three groups; give --length-buckets SHORT,MEDIUM, or train "):
+            length_thirds(stories(*lengths), by_words)
+
+
+def test_length_buckets_takes_two_increasing_token_counts(capsys):
+    from train import parse_args
+    args = parse_args(["--preset", "tiny", "--length-buckets", "20,40"])
+    assert args.length_buckets == [20, 40] and args.length_control  # the buckets ask for length control
+    assert parse_args(["--preset", "tiny"]).length_buckets is None
+    for bad in ["40,20", "20,20", "0,5", "20", "20,40,60", "short,long", ""]:
+        with pytest.raises(SystemExit) as stop:
+            parse_args(["--preset", "tiny", "--length-buckets", bad])
+        assert stop.value.code == 2
+        assert (f"argument --length-buckets: expected two increasing token counts such as 20,40, got {bad!r}"
+                in capsys.readouterr().err), bad

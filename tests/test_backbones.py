@@ -70,8 +70,8 @@ def test_timm_preprocessing_is_timms_own_pixel_for_pixel():
 
 def test_llama_decoder_frozen_with_a_frozen_timm_encoder(backbones, tmp_path, capsys):
     """Mapper-only training on a Llama and a timm encoder: features come from the cache, neither
-    backbone changes or is stored, every story ends with the Llama's own end token, and the
-    checkpoint reloads to the same logits."""
+    backbone changes or is stored, every story ends with the Llama's own end token, the checkpoint
+    reloads to the same logits, and both backbones reload from elsewhere when they have moved."""
     root, stories = backbones
     out = tmp_path / "m.pt"
     train.main(train_args(root, stories, out, "--decoder", root / "llama", "--freeze-decoder", "--encoder",
@@ -99,6 +99,22 @@ def test_llama_decoder_frozen_with_a_frozen_timm_encoder(backbones, tmp_path, ca
     result = run_main("generate.py", PHOTO, "--checkpoint", out, "--strategy", "greedy", "--max-new-tokens", "8")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Generated Story:\n") and len(result.stdout.split("\n")[1]) > 0
+
+    # The Llama folder and the encoder's file are not where training took them (another machine):
+    # generate.py and evaluate.py refuse, then --decoder and --encoder-weights say where they are now.
+    moved = tmp_path / "moved.pt"
+    torch.save({**ckpt, "sources": {"encoder": str(tmp_path / "gone.pth"), "decoder": str(tmp_path / "gone")}}, moved)
+    elsewhere = ["--decoder", root / "llama", "--encoder-weights", root / "effnet.pth"]
+    told = lambda ckpt, *flags: run_main("generate.py", PHOTO, "--checkpoint", ckpt, "--strategy", "greedy",
+                                         "--max-new-tokens", "8", *flags)
+    assert told(moved).returncode == 2 and told(moved, *elsewhere).stdout == result.stdout
+
+    def scored(ckpt, *flags):
+        run = run_main("evaluate.py", "--checkpoint", ckpt, "--images", DATA / "images", "--stories", stories,
+                       "--strategy", "greedy", "--max-new-tokens", "8", "--rank-images", "0", "--device", "cpu",
+                       "--clip", tmp_path / "no-clip-here", "--out", tmp_path / "metrics.json", *flags)
+        return run.returncode, run.returncode == 0 and json.loads((tmp_path / "metrics.json").read_text())["stories"]
+    assert scored(moved)[0] == 2 and scored(moved, *elsewhere) == scored(out)
 
 
 def test_llama_lora_with_peft_default_targets(backbones, tmp_path):
@@ -287,10 +303,14 @@ def test_tags_write_the_encoders_own_imagenet_classes_before_the_story(backbones
     assert result.returncode == 0 and result.stdout.startswith("Generated Story:\n"), result.stderr
 
 
-def test_tags_need_a_pretrained_timm_classifier(backbones, tmp_path):
+def test_tags_need_a_pretrained_timm_classifier(backbones, tmp_path, capsys):
     root, stories = backbones
-    with pytest.raises(SystemExit):  # argparse: the tiny preset's random ResNet has no classifier to read
+    with pytest.raises(SystemExit) as refused:  # argparse: the tiny preset's random ResNet has no classifier to read
         train.parse_args(["--tags", "3", "--preset", "tiny"])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(  # after argparse's program name
+        ": error: --tags reads a frozen pretrained encoder's ImageNet classifier: use ResNet-50 or --encoder "
+        "timm:NAME without --train-encoder (and not the tiny preset's random ResNet), or --tags 0")
     torch.save({k: v for k, v in torch.load(root / "effnet.pth", weights_only=True).items()
                 if not k.startswith("classifier.")}, tmp_path / "headless.pth")
     with pytest.raises(UserError, match="have no ImageNet classifier to name what a picture shows"):

@@ -15,9 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint
 import generate
 import train
-from conftest import DATA
+from conftest import DATA, write_stories
 from backbones import load_resnet50_weights
 from checkpoint import load_checkpoint
 from cli import UserError, run_cli
@@ -351,3 +352,27 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_the_code_never_runs(tmp
             with pytest.raises(UserError, match="refused: it holds pickled Python objects"):
                 load(path)
     assert not marker.exists()
+
+
+def test_resume_is_refused_when_it_would_not_continue_the_same_run(tiny_checkpoint, tmp_path, monkeypatch):
+    """With tiny_checkpoint's own settings, a resume is still refused, before any model is built, when
+    the run had other processes, the file holds no training state, or the stories changed."""
+    monkeypatch.setattr(checkpoint, "load_model", lambda *a, **k: pytest.fail("built the model to resume"))
+    saved = torch.load(tiny_checkpoint, weights_only=True)
+    two_processes = tmp_path / "two.pt"
+    torch.save({**saved, "train": {**saved["train"], "world_size": 2}}, two_processes)
+    no_state = tmp_path / "no_state.pt"
+    torch.save({k: v for k, v in saved.items() if k != "train"}, no_state)
+    stories_lines = [line for line in (DATA / "stories.txt").read_text().splitlines() if not line.startswith("#")]
+    fewer = write_stories(tmp_path / "fewer.txt", stories_lines[1:])  # one story less
+    for resume, stories, message in [
+        (two_processes, DATA / "stories.txt", "was trained by 2 process(es), this run has 1; resume with torchrun "
+                                              "--nproc_per_node=2 (or without torchrun for 1)"),
+        (no_state, DATA / "stories.txt", "holds no training state to resume from; train again without --resume"),
+        (tiny_checkpoint, fewer, f"the stories changed since {tiny_checkpoint} was saved; resume with the same "
+                                 f"data, or train again without --resume")]:
+        with pytest.raises(UserError) as refused:
+            train.main(["--preset", "tiny", "--images", str(DATA / "images"), "--stories", str(stories),
+                        "--device", "cpu", "--out", str(tmp_path / "m.pt"), "--resume", str(resume)])
+        assert str(refused.value) == f"{stories if resume == tiny_checkpoint else resume}: {message}"
+    assert not (tmp_path / "m.pt").exists()

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig, GPT2Config, GPT2LMHeadModel
 
+import checkpoint
 import dataset
 import train
 from conftest import DATA, run_main, write_stories
@@ -15,6 +16,9 @@ from model import StoryConfig
 from backbones import clip_settings, load_clip, load_decoder, train_tokenizer
 from checkpoint import load_checkpoint, load_model
 from cli import UserError
+from storyteller import Storyteller
+
+PHOTO = DATA / "images" / "day_grass_house.jpg"
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +38,34 @@ def pretrained(tmp_path_factory):
     return root, write_stories(root / "stories.txt", stories)
 
 
+def probe_logits(model):
+    """The model's logits, in eval mode, for a fixed story start and a fixed random image."""
+    ids, mask = torch.tensor([[5, 6, 7, 8]]), torch.ones(1, 4, dtype=torch.long)
+    images = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # draws nothing from torch's state
+    training = model.training
+    with torch.no_grad():
+        logits = model.eval()(ids, mask, images=images).logits
+    model.train(training)
+    return logits
+
+
 @pytest.fixture(scope="module")
 def clip_lora_checkpoint(pretrained):
-    """CLIP -> transformer mapper -> GPT-2 with LoRA adapters, a few steps of training."""
+    """CLIP -> transformer mapper -> GPT-2 with LoRA adapters, a few steps of training; the trained
+    model's probe_logits beside it, in trained_logits.pt, noted as train.py saves it."""
     root, stories = pretrained
     out = root / "m.pt"
-    train.main(["--gpt2", str(root / "gpt2"), "--encoder", "clip-vit-b32", "--clip", str(root / "clip"),
-                "--mapper", "transformer", "--mapper-layers", "1", "--lora", "--lora-targets", "c_attn,c_fc",
-                "--lr", "1e-2", "--stories", str(stories), "--images", str(DATA / "images"),
-                "--epochs", "2", "--batch-size", "3", "--val-split", "0", "--out", str(out), "--device", "cpu"])
+    save = checkpoint.save_training
+
+    def save_and_note(path, *, model, **kwargs):
+        torch.save(probe_logits(model), root / "trained_logits.pt")
+        return save(path, model=model, **kwargs)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(checkpoint, "save_training", save_and_note)
+        train.main(["--gpt2", str(root / "gpt2"), "--encoder", "clip-vit-b32", "--clip", str(root / "clip"),
+                    "--mapper", "transformer", "--mapper-layers", "1", "--lora", "--lora-targets", "c_attn,c_fc",
+                    "--lr", "1e-2", "--stories", str(stories), "--images", str(DATA / "images"),
+                    "--epochs", "2", "--batch-size", "3", "--val-split", "0", "--out", str(out), "--device", "cpu"])
     return out
 
 
@@ -92,10 +115,30 @@ def test_lora_keeps_the_base_weights_and_its_adapters_change_the_story(pretraine
 
 
 def test_generate_rebuilds_clip_mapper_and_adapters_without_flags(clip_lora_checkpoint):
-    result = run_main("generate.py", DATA / "images" / "day_grass_house.jpg", "--checkpoint", clip_lora_checkpoint,
-                      "--strategy", "greedy", "--max-new-tokens", "8", "--json")
+    teller = Storyteller(clip_lora_checkpoint, "cpu")  # what generate.py loads
+    trained = torch.load(clip_lora_checkpoint.parent / "trained_logits.pt", weights_only=True)
+    torch.testing.assert_close(probe_logits(teller.model), trained, rtol=0, atol=1e-6)
+    result = run_main("generate.py", PHOTO, "--checkpoint", clip_lora_checkpoint, "--strategy", "greedy",
+                      "--max-new-tokens", "8", "--json")
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["story"] and "error" not in result.stderr
+    assert json.loads(result.stdout)["story"] == teller.tell(PHOTO, strategy="greedy", max_new_tokens=8)
+
+
+def test_generate_reloads_clip_and_the_decoder_from_elsewhere(pretrained, clip_lora_checkpoint, tmp_path):
+    """The folders training took CLIP and GPT-2 from are gone (another machine): --clip and --decoder
+    name where they are now, and the story is the one the checkpoint tells where they were."""
+    root, _ = pretrained
+    ckpt = torch.load(clip_lora_checkpoint, weights_only=True)
+    moved = tmp_path / "moved.pt"
+    torch.save({**ckpt, "sources": {"encoder": str(tmp_path / "gone" / "clip"), "decoder": str(tmp_path / "gone" / "gpt2")}},
+               moved)
+    story = lambda *flags: run_main("generate.py", PHOTO, "--checkpoint", *flags, "--strategy", "greedy",
+                                    "--max-new-tokens", "8", "--json", "--device", "cpu")
+    lost = story(moved)
+    assert lost.returncode == 2 and str(tmp_path / "gone") in lost.stderr and "Traceback" not in lost.stderr
+    found = story(moved, "--clip", root / "clip", "--decoder", root / "gpt2")
+    assert found.returncode == 0, found.stderr
+    assert found.stdout == story(clip_lora_checkpoint).stdout
 
 
 def test_a_clip_that_cannot_be_had_offline_stops_with_the_ways_out():

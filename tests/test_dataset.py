@@ -112,3 +112,19 @@ def test_split_holds_out_whole_images():
     train, val = dataset.split_by_image(examples, 0.1, seed=0)
     assert len(val) == 4 and not {e.image for e in train} & {e.image for e in val}
     assert dataset.split_by_image(examples[:8], 0.1, seed=0) == (examples[:8], [])
+
+
+def test_a_picture_shared_by_albums_is_never_in_both_training_and_validation():
+    # Albums chained by shared pictures (0|1, 1|2, ...) and pairs of their own, beside single pictures.
+    lines = [f"c{i}.jpg|c{i + 1}.jpg" for i in range(6)] + [f"p{i}a.jpg|p{i}b.jpg" for i in range(6)] + \
+            [f"s{i}.jpg" for i in range(6)] + ["c3.jpg", "s0.jpg|s1.jpg"]
+    examples = [dataset.Example(image, "s", n) for n, image in enumerate(lines)]
+    for seed in range(20):
+        train, val = dataset.split_by_image(examples, 0.3, seed)
+        pictures = lambda part: {name for ex in part for name in ex.images}
+        assert val and not pictures(train) & pictures(val), seed
+        assert sorted(train + val, key=lambda ex: ex.line) == examples
+    # Without shared pictures the split is what it was: by each line's image field.
+    singles = [dataset.Example(f"{i}.jpg", "s", i) for i in range(20)]
+    held_out = {"4.jpg", "6.jpg", "8.jpg", "18.jpg"}  # what the split was before it knew of shared pictures
+    assert {ex.image for ex in dataset.split_by_image(singles, 0.2, seed=0)[1]} == held_out

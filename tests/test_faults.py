@@ -26,8 +26,11 @@ def tiny_args(stories, out, *extra):
             "--val-split", "0", "--out", str(out), "--device", "cpu", *extra]
 
 
-def start_training(args):
-    return subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+def start_training(args, stall=None, marker=None):
+    """train.py in a process of its own, as a user starts it; or with its second checkpoint ("save") or
+    second step ("step") stalled, marker created when it stalls (tests/stalled_train.py)."""
+    script = ["train.py"] if stall is None else ["tests/stalled_train.py", stall, str(marker)]
+    return subprocess.Popen([sys.executable, *script, *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -37,6 +40,15 @@ def wait_for(condition, process, timeout=120):
         assert process.poll() is None, process.communicate()
         assert time.time() < deadline
         time.sleep(0.005)
+
+
+def finish(process, timeout=120):
+    """The process's stderr once it has exited; killed, and the test failed, if it does not within timeout."""
+    try:
+        return process.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail(f"still running {timeout} s later:\n{process.communicate()[1]}")
 
 
 def test_ctrl_c_saves_a_checkpoint_that_resumes_to_the_same_weights(tmp_path):
@@ -67,17 +79,55 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_to_the_same_weights(tmp_path):
 
 def test_a_run_killed_while_saving_leaves_the_last_checkpoint_readable(tmp_path):
     stories = write_stories(tmp_path / "s.txt", STORIES[:4])
-    out = tmp_path / "m.pt"
-    process = start_training(tiny_args(stories, out, "--epochs", "50", "--save-every", "1"))
-    wait_for(out.exists, process)
-    wait_for(lambda: any(tmp_path.glob(".m.pt.*.tmp")), process)  # the next save is being written
+    out, stalled = tmp_path / "m.pt", tmp_path / "stalled"
+    process = start_training(tiny_args(stories, out, "--epochs", "2", "--save-every", "1"), "save", stalled)
+    wait_for(stalled.exists, process)  # step 1's checkpoint is saved, step 2's is half-written
+    before = out.read_bytes()
     process.kill()
     process.communicate()
 
+    assert out.read_bytes() == before
     ckpt = load_checkpoint(out)
-    assert ckpt["train"]["step"] >= 1 and load_model(ckpt)
+    model, _ = load_model(ckpt)
+    assert ckpt["train"]["step"] == 1
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ckpt["model"].items())
+    [half] = tmp_path.glob(".m.pt.*.tmp")  # the kill landed mid-write
+    assert 0 < half.stat().st_size < len(before)
     check_writable(out)  # the next run clears the half-written file away
     assert [p.name for p in tmp_path.glob(".m.pt*")] == []
+
+
+def test_sigterm_saves_and_stops_as_ctrl_c_does(tmp_path):
+    """A cluster's pre-emption (or torchrun's shutdown) sends SIGTERM: the step finishes, the run
+    saves a checkpoint that resumes, and says how to continue."""
+    stories = write_stories(tmp_path / "s.txt", STORIES[:4])
+    out = tmp_path / "m.pt"
+    process = start_training(tiny_args(stories, out, "--epochs", "50", "--save-every", "1"))
+    wait_for(out.exists, process)
+    process.send_signal(signal.SIGTERM)
+    stderr = finish(process)
+
+    assert process.returncode == 130, stderr
+    assert "SIGTERM: saving a checkpoint after this step" in stderr and "Traceback" not in stderr
+    stopped = int(stderr.split("stopped at step ")[1].split()[0])
+    assert f"--resume {out}" in stderr and load_checkpoint(out)["train"]["step"] == stopped < 100
+
+
+def test_a_second_ctrl_c_stops_at_once_and_the_last_checkpoint_stays(tmp_path):
+    stories = write_stories(tmp_path / "s.txt", STORIES[:4])
+    out, stalled = tmp_path / "m.pt", tmp_path / "stalled"
+    process = start_training(tiny_args(stories, out, "--epochs", "2", "--save-every", "1"), "step", stalled)
+    wait_for(stalled.exists, process)  # step 1 is saved; step 2 hangs (for ten minutes)
+    before = out.read_bytes()
+    process.send_signal(signal.SIGINT)
+    time.sleep(1.5)  # repeats within a second are torchrun forwarding the first one
+    process.send_signal(signal.SIGINT)
+    stderr = finish(process, timeout=60)  # at once: the stalled step never finishes
+
+    assert process.returncode == 130, stderr
+    assert "SIGINT: saving a checkpoint after this step (Ctrl-C again to stop at once)" in stderr
+    assert stderr.rstrip().endswith("interrupted") and "Traceback" not in stderr and "stopped at step" not in stderr
+    assert out.read_bytes() == before and load_checkpoint(out)["train"]["step"] == 1
 
 
 def test_a_non_finite_loss_stops_at_its_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):

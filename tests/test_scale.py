@@ -66,6 +66,37 @@ def test_feature_cache_encodes_each_image_once_and_never_serves_a_stale_one(tmp_
     assert sum(encoded) == 1 and "1 of 2 images read" in capsys.readouterr().out
 
 
+def test_a_damaged_or_foreign_cache_file_is_a_miss_encoded_again(tmp_path, capsys):
+    """A cache file cut short by a crash, emptied, overwritten, or holding a tensor of the wrong shape
+    or dtype is never served: its image is encoded again and the file rewritten."""
+    from distributed import Run
+    from training import cached_features
+    torch.manual_seed(0)
+    decoder = GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=40, vocab_size=50)
+    model = StoryModel(StoryConfig(encoder="resnet-tiny", image_size=32, resize_size=32, decoder=decoder.to_dict()))
+    model.config.train_encoder = False
+    names = sorted({line.split("\t")[0] for line in STORIES})[:6]
+    examples = [dataset.Example(name, "s", i) for i, name in enumerate(names)]
+    features = lambda: cached_features(model.eval(), examples, Run(torch.device("cpu")), images_dir=DATA / "images",
+                                       cache_dir=tmp_path, dtype="float32", batch_size=4, num_workers=0)
+    fresh = features()
+    [folder] = tmp_path.iterdir()
+    files = [folder / f"{dataset.FeatureCache.key(DATA / 'images' / name)}.pt" for name in names]
+    assert sorted(folder.iterdir()) == sorted(files) and "0 of 6 images read" in capsys.readouterr().out
+    originals = {f: f.read_bytes() for f in files}
+    files[0].write_bytes(originals[files[0]][:len(originals[files[0]]) // 2])  # cut short
+    files[1].write_bytes(b"")
+    files[2].write_text("not a tensor")
+    torch.save(torch.zeros(7), files[3])  # another encoder's width
+    torch.save(fresh[names[4]].double(), files[4])  # the right shape, not the dtype the cache writes
+    again = features()
+    assert "1 of 6 images read from" in capsys.readouterr().out  # only the untouched one
+    for name in names:
+        assert again[name].dtype == torch.float32 and torch.allclose(again[name], fresh[name], atol=1e-6), name
+    assert [f.read_bytes() for f in files[:4]] == [originals[f] for f in files[:4]]  # rewritten whole
+    assert torch.load(files[4], weights_only=True).dtype == torch.float32 and sorted(folder.iterdir()) == sorted(files)
+
+
 def test_the_cache_key_changes_with_the_encoder_and_the_preprocessing():
     def fingerprint(seed, image_size=32, dtype="float32"):
         torch.manual_seed(seed)
@@ -101,19 +132,34 @@ def test_grad_accum_gives_the_gradient_of_one_big_batch():
     torch.testing.assert_close(grad_two, grad_one)
 
 
-def test_torchrun_with_two_cpu_processes_trains_a_model_that_writes_stories(tmp_path, capsys):
+def test_torchrun_with_two_cpu_processes_trains_as_one_process_with_both_batches(tmp_path, capsys):
+    """2 gloo processes at --batch-size 2 train the mapper (encoder and decoder frozen: no dropout, the
+    same features) to the weights of one process at --batch-size 4, up to DDP averaging the two
+    processes' losses per story token equally where one process weighs each story's tokens: far
+    closer than one process at --batch-size 2 comes."""
     stories = write_stories(tmp_path / "s.txt", STORIES[:8])
+    common = ["--preset", "tiny", "--no-train-encoder", "--freeze-decoder", "--images", DATA / "images",
+              "--stories", stories, "--epochs", "2", "--val-split", "0", "--device", "cpu",
+              "--feature-cache", tmp_path / "cache"]
     out = tmp_path / "ddp.pt"
-    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-                        "--preset", "tiny", "--no-train-encoder", "--images", DATA / "images", "--stories", stories,
-                        "--epochs", "2", "--batch-size", "2", "--val-split", "0", "--out", out, "--device", "cpu",
-                        "--feature-cache", tmp_path / "cache", env={"OMP_NUM_THREADS": "1"})
+    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *common,
+                        "--batch-size", "2", "--out", out, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
     assert "x 2 processes" in result.stdout and result.stdout.count("saved ") == 1  # rank 0 logs and saves
     assert len(list((tmp_path / "cache").rglob("*.pt"))) == 4  # 4 images, each encoded once by one of the two
     ckpt = torch.load(out, weights_only=True)
     assert ckpt["train"]["world_size"] == 2 and ckpt["train"]["step"] == 4  # 8 stories / (2 x 2) per step, 2 epochs
 
+    def mapper(batch_size):
+        one = tmp_path / f"one_{batch_size}.pt"
+        train.main([*map(str, common), "--batch-size", str(batch_size), "--out", str(one)])
+        return torch.cat([v.flatten() for k, v in torch.load(one, weights_only=True)["model"].items() if k.startswith("mapper.")])
+    ddp = torch.cat([v.flatten() for k, v in ckpt["model"].items() if k.startswith("mapper.")])
+    together, alone = mapper(4), mapper(2)
+    # Measured: 0.066 of the way to --batch-size 2's mapper; without DDP's gradient averaging, 0.88.
+    assert (ddp - together).norm() < 0.2 * (alone - together).norm(), ((ddp - together).norm(), (alone - together).norm())
+
+    capsys.readouterr()  # (what the runs here logged)
     assert generate.main([str(DATA / "images" / "day_grass_house.jpg"), "--checkpoint", str(out),
                           "--strategy", "greedy", "--max-new-tokens", "8", "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
@@ -167,5 +213,11 @@ def test_bench_quick_prints_every_figure_and_ratio():
     assert len(losses) == 2 and all(loss > 0 for loss in losses)
     same = next(r for r in rows if r.startswith("| 5d. greedy stories")).split(" | ")[1]
     assert re.fullmatch(r"\d+ of 43 images", same), same
-    ratios = [r for r in rows if r.endswith("met |")]
-    assert len(ratios) == 11 and all(float(r.strip("| ").split(" | ")[1].rstrip("x")) > 0 for r in ratios)
+    # The ratios with a target, and each verdict as its printed ratio gives it ("met" or "not met":
+    # a quick run on a busy machine may miss a target, never misreport one).
+    ratios = [m.groups() for r in rows if (m := re.fullmatch(r"\| (.+) \| ([\d.]+)x \| (>=|<=|<) ([\d.]+)x: (met|not met) \|", r))]
+    assert len(ratios) == 11, rows
+    for label, value, op, bound, said in ratios:
+        value, bound = float(value), float(bound)
+        met = {">=": value >= bound, "<=": value <= bound, "<": value < bound}[op]
+        assert value > 0 and ((said == "met") == met or value == bound), (label, value, op, bound, said)  # (==: rounded)

@@ -92,13 +92,38 @@ def test_train_py_resume_exits_2_with_one_line(crafted, tmp_path):
     assert not out.exists() and "Traceback" not in done.stderr
 
 
-def test_every_preset_passes(tiny_checkpoint):
-    """The models this repo does build stay well inside the limits, GPT-2 XL and a Llama 3 8B included."""
-    from transformers import GPT2Config, LlamaConfig
-    config = torch.load(tiny_checkpoint, weights_only=True)["config"]
-    check_config_sane(config)
-    xl = GPT2Config(n_layer=48, n_embd=1600, n_head=25).to_dict()
-    check_config_sane({**config, "decoder": xl, "mapper": "transformer", "prefix_length": 40})
-    llama = LlamaConfig(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, vocab_size=128256,
-                        max_position_embeddings=131072, num_attention_heads=32, num_key_value_heads=8).to_dict()
-    check_config_sane({**config, "decoder": llama})
+def test_every_preset_passes_and_the_same_one_at_the_largest_sizes_is_refused(tiny_checkpoint):
+    """The models this repo builds stay inside the limits: the tiny preset's, the default (ResNet-50 +
+    GPT-2), the small preset (EfficientNet-Lite0 with tags + SmolLM2-135M-Instruct), CLIP ViT-B/32 with
+    ClipCap's transformer mapper, GPT-2 XL and a Llama 3 8B, each config made offline from the published
+    sizes. Each one is refused for its size with its decoder at the largest depth and width the check
+    allows one by one (1,024 layers, 64,800 wide: a multiple of every head count here): the check reads
+    these configs, it does not wave them through."""
+    from transformers import CLIPVisionConfig, GPT2Config, LlamaConfig
+    from backbones import clip_settings, tag_settings, timm_settings, train_tokenizer
+    from model import StoryConfig
+    chatml = train_tokenizer(["A small cat sat on a warm mat."] * 3, vocab_size=300)  # more tokens per word than SmolLM2's
+    chatml.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                            "{% endfor %}<|im_start|>assistant\n")
+    smollm2 = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                          tie_word_embeddings=True)
+    llama3 = LlamaConfig(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, vocab_size=128256,
+                         max_position_embeddings=131072, num_attention_heads=32, num_key_value_heads=8)
+    story = lambda decoder, **fields: StoryConfig(decoder=decoder.to_dict(), **fields).to_dict()
+    presets = {
+        "tiny": torch.load(tiny_checkpoint, weights_only=True)["config"],
+        "gpt2": story(GPT2Config()),
+        "small": story(smollm2, **timm_settings("timm:tf_efficientnet_lite0"), **tag_settings(3, chatml)),
+        "clip": story(GPT2Config(), **clip_settings(CLIPVisionConfig(projection_dim=512)), mapper="transformer",
+                      prefix_length=40),
+        "gpt2-xl": story(GPT2Config(n_layer=48, n_embd=1600, n_head=25), mapper="transformer", prefix_length=40),
+        "llama3-8b": story(llama3),
+    }
+    assert presets["small"]["tags"] == 3 and presets["clip"]["encoder_config"]["patch_size"] == 32
+    for name, config in presets.items():
+        check_config_sane(config, where=name)  # raises UserError if refused
+        gpt2 = config["decoder"]["model_type"] == "gpt2"  # GPT-2's own names for depth and width
+        largest = {"n_layer" if gpt2 else "num_hidden_layers": 1_024, "n_embd" if gpt2 else "hidden_size": 64_800}
+        with pytest.raises(UserError, match=rf"^{name}: refused: its config builds about [\d,]+ billion parameters"):
+            check_config_sane({**config, "decoder": {**config["decoder"], **largest}}, where=name)

