@@ -58,7 +58,7 @@ def args(root, out, *extra):
     return ["--stories", root / "stories.txt", "--images", DATA / "images", "--decoder", root / "llama",
             "--encoder", "timm:test_efficientnet", "--encoder-weights", root / "effnet.pth", "--epochs", "2",
             "--val-split", "0", "--lr", "1e-3", "--device", "cpu", "--feature-cache", root / "cache",
-            "--out", out, *extra]
+            "--tags", "0", "--out", out, *extra]  # (a frozen ImageNet classifier would be stored too)
 
 
 def losses(checkpoint):
