@@ -278,7 +278,8 @@ def resume_command(argv, out, world_size) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
-    args.out, folder = hub.out_paths(args.out)  # --out DIR/: DIR.pt as always, then the model folder DIR from it
+    out, folder = hub.out_paths(args.out)  # --out DIR/: DIR.pt as always, then the model folder DIR from it
+    args = dataclasses.replace(args, out=out)  # (the settings are frozen: a copy with the .pt as --out)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     dataset.set_max_image_pixels(args.max_image_pixels)
