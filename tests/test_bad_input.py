@@ -366,8 +366,9 @@ def test_resume_is_refused_when_it_would_not_continue_the_same_run(tiny_checkpoi
     stories_lines = [line for line in (DATA / "stories.txt").read_text().splitlines() if not line.startswith("#")]
     fewer = write_stories(tmp_path / "fewer.txt", stories_lines[1:])  # one story less
     for resume, stories, message in [
-        (two_processes, DATA / "stories.txt", "was trained by 2 process(es), this run has 1; resume with torchrun "
-                                              "--nproc_per_node=2 (or without torchrun for 1)"),
+        (two_processes, DATA / "stories.txt", "was trained with 32 stories per step (2 process(es) x --batch-size 16 "
+                                              "x --grad-accum 1), this run has 16; give --batch-size and --grad-accum "
+                                              "that make 32 with 1 process(es), or resume with torchrun --nproc_per_node=2"),
         (no_state, DATA / "stories.txt", "holds no training state to resume from; train again without --resume"),
         (tiny_checkpoint, fewer, f"the stories changed since {tiny_checkpoint} was saved; resume with the same "
                                  f"data, or train again without --resume")]:

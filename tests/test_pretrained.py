@@ -28,7 +28,9 @@ def test_train_and_generate_from_local_gpt2_and_resnet50_files(tmp_path):
     ckpt = torch.load(out, weights_only=True)
     # Frozen pretrained parts are reloaded from where they came from, not copied into the checkpoint.
     assert ckpt["sources"] == {"encoder": str(resnet), "decoder": str(gpt2_dir)}
-    assert {k.split(".")[0] for k in ckpt["model"]} == {"mapper"}
+    # The mapper trained; the tags' classifier is ResNet-50's own fc, stored as it is (the gpt2 preset tags).
+    assert {k.split(".")[0] for k in ckpt["model"]} == {"mapper", "tagger"}
+    assert torch.equal(ckpt["model"]["tagger.weight"], torch.load(resnet, weights_only=True)["fc.weight"])
     assert ckpt["config"]["image_size"] == 224 and ckpt["config"]["encoder"] == "resnet50"
 
     result = run_main("generate.py", DATA / "images" / "day_grass_house.jpg", "--checkpoint", out,
