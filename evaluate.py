@@ -29,7 +29,7 @@ from figures import draw_curves, draw_sheet, read_metrics_log
 from files import atomic_write
 from dataset import ALBUM
 from storyteller import (Storyteller, add_decoding_args, add_quantize_arg, check_decoding_args, decoding, encode_albums,
-                         picture_tags, tag_prompts)
+                         picture_tags, tag_prompts, tags_json)
 from training import metrics_path
 
 CLIP_DEFAULT = "openai/clip-vit-base-patch32"
@@ -159,8 +159,7 @@ def main(argv=None):
                            "decoding": {k: getattr(gen_config, k) for k in sorted(DECODING_KEYS)},
                            "strategy": args.strategy, "seed": args.seed, "style": args.style, "length": args.length},
               "stories": generated,
-              **({"tags": {name: [{"name": t, "p": round(p, 4)} for t, p in read] for name, read in tags.items()}}
-                 if tags else {})}
+              **({"tags": {name: tags_json(read) for name, read in tags.items()}} if tags else {})}
     with atomic_write(args.out) as f:
         json.dump(report, f, indent=1, ensure_ascii=False)
     print(f"wrote {args.out}")

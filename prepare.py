@@ -40,7 +40,6 @@ MAX_PROBLEMS = 10  # a broken file is reported by its first few bad lines, not a
 LOCAL_WRITER = f"weights/{weights.LM_DIR}"
 HUB_WRITER = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PROMPT = "Write a short story for children, three or four sentences long, about this picture: {caption}"
-TAG_PROMPT = "Write a short story for children, three or four sentences long, about a photo that shows: {caption}."
 DROPPED = "# dropped\t"  # a story that missed its caption, kept as a comment so that a rerun skips its caption
 # Words that say nothing about what a picture shows; a story need not repeat them.
 STOPWORDS = set("""the and are was were for with from into onto over under near next that this these those
@@ -108,7 +107,8 @@ def parse_args(argv=None):
                                                   f"{LOCAL_WRITER} when `prepare.py weights` made it, else {HUB_WRITER})")
     s.add_argument("--out", required=True, help="stories file to write, or to continue when a run stopped early")
     s.add_argument("--prompt", help=f"what the writer is asked; {{caption}} is replaced by the caption (default: "
-                                    f"{PROMPT!r}; with --tags {TAG_PROMPT!r})")
+                                    f"{PROMPT!r}; with --tags the request the model reads its tags in, "
+                                    f"backbones.TAG_REQUEST)")
     s.add_argument("--batch-size", type=int, default=8, help="captions per generate() call (default: %(default)s)")
     s.add_argument("--max-new-tokens", type=int, default=80, help="longest story, in tokens (default: %(default)s)")
     s.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 always takes the likeliest "
@@ -172,9 +172,9 @@ def write_stories(args):
     from dataset import parse_stories
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from backbones import from_pretrained
+    from backbones import TAG_REQUEST, from_pretrained
     from cli import pick_device
-    args.prompt = args.prompt or (TAG_PROMPT if args.tags else PROMPT)
+    args.prompt = args.prompt or (TAG_REQUEST.replace("{tags}", "{caption}") if args.tags else PROMPT)
     if "{caption}" not in args.prompt:
         raise UserError(f"--prompt {args.prompt!r}: has no {{caption}} to put the caption in")
     if args.batch_size < 1 or args.max_new_tokens < 1 or args.temperature < 0:

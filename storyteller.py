@@ -226,8 +226,8 @@ class MentionTags(LogitsProcessor):
     "merganser", "bird"), until its story has said one of them; then the story goes as the decoder likes.
 
     Written here because transformers' own tool for this, generate's sequence_bias, gives every row
-    of a batch the same words and keeps biasing them to the end (measured: it makes a story repeat
-    its tag words); here each picture has its own words and the push stops once one is said."""
+    of a batch the same words and keeps biasing them to the end of the story; here each picture has
+    its own words and the push stops once one is said."""
 
     def __init__(self, tokenizer, tags: list[list[tuple[str, float]]], bias: float):
         self.bias, self.words = bias, None
@@ -271,13 +271,18 @@ def stories_from_features(model, tokenizer, features, gen_config, style=None, le
     return [texts[i * n:(i + 1) * n] for i in range(len(features))]
 
 
+def tags_json(tags) -> list[dict]:
+    """A picture's tags as generate.py --json and evaluate.py's metrics.json write them."""
+    return [{"name": name, "p": round(p, 4)} for name, p in tags]
+
+
 def format_stories(path, stories, as_json, several, tags=None) -> str:
     """generate.py's output for one image (path) or album (a list of paths): "Generated Story:" and
     the story, or a JSON line per story ({"image": ...} or {"images": [...]}, "story": ...), with the
     picture's tags ([{"name": ..., "p": ...}], best first) for a model with tags."""
     if as_json:
         key = "images" if isinstance(path, list) else "image"
-        extra = {} if tags is None else {"tags": [{"name": name, "p": round(p, 4)} for name, p in tags]}
+        extra = {} if tags is None else {"tags": tags_json(tags)}
         return "\n".join(json.dumps({key: path, "story": story, **extra}, ensure_ascii=False) for story in stories)
     lines = [f"== {' | '.join(path) if isinstance(path, list) else path} =="] if several else []
     for k, story in enumerate(stories, start=1):
