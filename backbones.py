@@ -58,10 +58,11 @@ def check_model_path(name_or_dir: str, what: str = "decoder", flag: str = "--dec
                         f"written by save_pretrained")
 
 
-def from_pretrained(cls, name_or_dir: str, what: str, flag: str, ways_out: str):
-    """cls.from_pretrained from a local save_pretrained folder, the Hugging Face cache, or the hub.
-    One-line UserErrors naming ways_out when none of those has it, and when the files lack weights
-    the model needs (transformers would fill them with random values and only warn)."""
+def from_pretrained(cls, name_or_dir: str, what: str, flag: str, ways_out: str, config=None):
+    """cls.from_pretrained from a local save_pretrained folder, the Hugging Face cache, or the hub
+    (built from config if given, else from the folder's own). One-line UserErrors naming ways_out
+    when none of those has it, and when the files lack weights the model needs (transformers would
+    fill them with random values and only warn)."""
     from transformers.utils import logging as hf_logging
     check_model_path(name_or_dir, what, flag)
 
@@ -76,7 +77,7 @@ def from_pretrained(cls, name_or_dir: str, what: str, flag: str, ways_out: str):
         try:
             # float32: transformers 5 would keep a bfloat16 checkpoint in bfloat16; --dtype casts later.
             return cls.from_pretrained(name_or_dir, output_loading_info=True, local_files_only=local_files_only,
-                                       dtype=torch.float32)
+                                       dtype=torch.float32, **({} if config is None else {"config": config}))
         finally:
             hf_logging.set_verbosity(verbosity)
             if bars:
@@ -105,12 +106,13 @@ def from_pretrained(cls, name_or_dir: str, what: str, flag: str, ways_out: str):
     return model
 
 
-def load_decoder(name_or_dir: str):
+def load_decoder(name_or_dir: str, config=None):
     """Any causal LM that AutoModelForCausalLM loads (gpt2, HuggingFaceTB/SmolLM2-135M, Qwen2, OPT, ...)
-    from a local save_pretrained folder, the Hugging Face cache, or the hub, in float32."""
+    from a local save_pretrained folder, the Hugging Face cache, or the hub, in float32; config: the
+    transformers config to build it from (a checkpoint's), if not the folder's own."""
     from transformers import AutoModelForCausalLM
     return from_pretrained(AutoModelForCausalLM, name_or_dir, "causal LM", "--decoder",
-                            OFFLINE_HINT.format(flag="--decoder DIR"))
+                            OFFLINE_HINT.format(flag="--decoder DIR"), config)
 
 
 def load_clip(name_or_dir: str):
@@ -305,13 +307,13 @@ def build_model(args: TrainSettings, tokenizer, styles=(), album_slots=1, length
         decoder = GPT2Config(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
                              n_positions=args.n_positions, vocab_size=len(tokenizer),
                              bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-        decoder_weights, decoder_source, embeddings = None, None, None  # random: stored in the checkpoint
+        lm, decoder_source, embeddings = None, None, None  # random: stored in the checkpoint
     else:
         lm = load_decoder(args.decoder)
         if len(tokenizer) > lm.config.vocab_size:  # a token id past the embedding table would crash mid-run
             raise UserError(f"{args.decoder}: its tokenizer has {len(tokenizer)} tokens, more than the model's "
                             f"{lm.config.vocab_size} embeddings; save the model and its own tokenizer together")
-        decoder, decoder_weights = lm.config, lm.state_dict()
+        decoder = lm.config
         decoder_source = source(args.decoder) if frozen_decoder else None
         embeddings = lm.get_input_embeddings().weight.detach()
     clip = load_clip(args.clip) if args.encoder == "clip-vit-b32" else None
@@ -333,7 +335,7 @@ def build_model(args: TrainSettings, tokenizer, styles=(), album_slots=1, length
                          decoder=decoder.to_dict(), lora=lora_config(args, decoder), styles=list(styles),
                          album_slots=album_slots, length_buckets=list(length_buckets), **tag_settings(args.tags, tokenizer, args.tag_min_prob),
                          train_encoder=args.train_encoder, train_decoder=not frozen_decoder)
-    model = StoryModel(config, decoder_weights=decoder_weights)
+    model = StoryModel(config, decoder=lm)
     if clip is not None:
         model.encoder.clip.load_state_dict(clip.state_dict())
     elif config.encoder != "resnet-tiny":

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 import backbones
-from model import StoryConfig, StoryModel
+from model import StoryConfig, StoryModel, decoder_config
 from cli import UserError
 from settings import TrainSettings
 from files import atomic_write, load_torch_file, os_error, temp_file_beside
@@ -106,16 +106,20 @@ def load_model(ckpt: dict, decoder=None, encoder_weights=None, clip=None, where=
     base = None
     if sources.get("decoder") is not None:
         name = decoder or sources["decoder"]
-        base = backbones.load_decoder(name).state_dict()  # StoryModel loads it before LoRA adapters wrap the decoder
+        try:
+            architecture = decoder_config(config.decoder)
+        except (TypeError, KeyError, ValueError) as err:
+            raise UserError(f"{where}: has a config this code cannot build ({err}); {incompatible}") from None
+        try:  # its weights in a model of the checkpoint's own config, built without a random initialisation
+            base = backbones.load_decoder(name, config=architecture)
+        except UserError:
+            backbones.load_decoder(name)  # not a causal LM at all, or not there: that error says so
+            raise UserError(f"{name}: this decoder does not have the architecture and size {where} was trained "
+                            f"with") from None
     try:
-        model = StoryModel(config, decoder_weights=base)
+        model = StoryModel(config, decoder=base)
     except (TypeError, KeyError, ValueError) as err:
         raise UserError(f"{where}: has a config this code cannot build ({err}); {incompatible}") from None
-    except RuntimeError:
-        if base is None:
-            raise
-        raise UserError(f"{name}: this decoder does not have the architecture and size {where} was trained "
-                        f"with") from None
     if sources.get("encoder") is not None and config.encoder == "clip-vit-b32":
         name = clip or sources["encoder"]
         try:

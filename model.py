@@ -186,17 +186,16 @@ def build_mapper(config: "StoryConfig", n_embd: int, n_head: int) -> nn.Module:
 
 
 class StoryModel(nn.Module):
-    def __init__(self, config: StoryConfig, decoder_weights: dict | None = None):
-        """decoder_weights: a pretrained decoder's state_dict, loaded before LoRA adapters wrap it
-        (peft renames the layers it wraps, so base weights go in first)."""
+    def __init__(self, config: StoryConfig, decoder: nn.Module | None = None):
+        """decoder: a pretrained causal LM of config.decoder's architecture, used as it is (LoRA
+        adapters wrap it; peft renames the layers it wraps); None builds a randomly initialised one."""
         super().__init__()
         self.config = config
         self.encoder = build_encoder(config.encoder, config.encoder_config)
-        # float32 whatever dtype the config was saved in (from_config would follow it); --dtype casts later.
-        decoder = AutoModelForCausalLM.from_config(decoder_config(config.decoder), dtype=torch.float32)
+        if decoder is None:
+            # float32 whatever dtype the config was saved in (from_config would follow it); --dtype casts later.
+            decoder = AutoModelForCausalLM.from_config(decoder_config(config.decoder), dtype=torch.float32)
         decoder.loss_type = "ForCausalLM"  # say it, or transformers warns that it guessed
-        if decoder_weights is not None:
-            decoder.load_state_dict(decoder_weights)
         decoder.requires_grad_(config.train_decoder)
         if config.lora:
             from peft import LoraConfig, get_peft_model  # here: importing peft takes seconds, and only LoRA needs it
