@@ -268,6 +268,10 @@ def compare(model, tokenizer, device, method):
     features = torch.cat([storyteller.encode_images(model, images[i:i + 16])
                           for i in range(0, len(images), 16)])  # (images, feature_dim): the encoder stays float32
     row = {name: i for i, name in enumerate(names)}
+    tags = {}  # a model with tags reads its picture's tag words before the story, as when it writes one
+    if model.config.tags:
+        prompt_ids, prompt_mask = dataset.left_pad(storyteller.tag_prompts(model, tokenizer, features), tokenizer.pad_token_id)
+        tags = dict(prompt_ids=prompt_ids.to(device), prompt_mask=prompt_mask.to(device))
     room = storyteller.story_room(model)
     result = {}
     for name, m in models.items():
@@ -276,8 +280,10 @@ def compare(model, tokenizer, device, method):
             ids = tokenizer(ex.story, add_special_tokens=False)["input_ids"][:room - 1] + [tokenizer.eos_token_id]
             ids = torch.tensor([ids], device=device)  # (1, T), ending with EOS as in training
             styles = [m.config.style_id(ex.style if ex.style in m.config.styles else None)] if m.config.styles else None
-            out = m(ids, torch.ones_like(ids), features=features[row[ex.image]][None],
-                    style_ids=None if styles is None else torch.tensor(styles, device=device))
+            i = row[ex.image]
+            out = m(ids, torch.ones_like(ids), features=features[i][None],
+                    style_ids=None if styles is None else torch.tensor(styles, device=device),
+                    **{key: value[i:i + 1] for key, value in tags.items()})
             nll, count = nll + float(out.loss) * ids.shape[1], count + ids.shape[1]
         result[name] = nll / count
     config = storyteller.generation_config(tokenizer, min(80, room), strategy="greedy")
