@@ -104,6 +104,11 @@ def generation_config(tokenizer, max_new_tokens=DEFAULTS["max_new_tokens"], stra
     return config
 
 
+def can_stream(gen_config) -> bool:
+    """Whether transformers' generate can hand on the stories as it decodes them: not with beam search."""
+    return (gen_config.num_beams or 1) == 1  # None: transformers' default, one
+
+
 def story_room(model) -> int:
     """Story tokens that fit in the decoder's context after the prefix: the most --max-new-tokens can give."""
     return decoder_sizes(model.decoder.config)[2] - model.config.prefix_tokens
@@ -406,7 +411,7 @@ class Storyteller:
         picture = self.picture(image)
         if seed is not None:
             torch.manual_seed(seed)  # the process's generator, which generate's thread draws from too
-        if (gen_config.num_beams or 1) > 1:  # None: transformers' default, one
+        if not can_stream(gen_config):
             yield self.stories([picture], gen_config, style, length)[0][0]
             return
         stop = StopFlag()

@@ -57,7 +57,7 @@ def records(paths):
 
 def greedy(teller, album, length="medium", upload=None):
     """The Generate button with the album input filled: one greedy story."""
-    return teller.on_generate(upload, "", "greedy", 0.8, min(80, teller.room), 1, records(album), length)
+    return teller.text(upload, "", "greedy", 0.8, min(80, teller.room), 1, records(album), length)
 
 
 def test_an_album_gets_storytellers_story_of_its_pictures_in_upload_order(teller, album_model, monkeypatch):
@@ -106,7 +106,7 @@ def test_an_unreadable_picture_in_an_album_is_named_by_its_upload_name(teller, a
     album = records([album_model[1][0][0], bad])
     album[1]["orig_name"] = "second.png"
     with pytest.raises(gr.Error) as err:
-        teller.on_generate(None, "", "greedy", 0.8, 40, 1, album, "medium")
+        teller.text(None, "", "greedy", 0.8, 40, 1, album, "medium")
     assert err.value.message.startswith("second.png: not an image Pillow can read")
     assert str(tmp_path) not in err.value.message
 
