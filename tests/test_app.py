@@ -181,8 +181,8 @@ def call(client, path, settings=("", "greedy", 0.8, 20, 1), read=True):
     if not read:
         return event_id
     lines = client.get(f"gradio_api/call/on_generate/{event_id}").text.splitlines()
-    kind = lines[0].removeprefix("event: ")
-    data = json.loads(lines[1].removeprefix("data: "))
+    kind = lines[-3].removeprefix("event: ")  # the last event: the stories as they grew come before it
+    data = json.loads(lines[-2].removeprefix("data: "))
     return kind, data["error"] if kind == "error" else data
 
 

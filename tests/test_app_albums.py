@@ -169,8 +169,8 @@ def ask(client, data) -> tuple[str, object]:
     response = client.post("gradio_api/call/on_generate", json={"data": data})
     assert response.status_code == 200, response.text
     lines = client.get(f"gradio_api/call/on_generate/{response.json()['event_id']}").text.splitlines()
-    kind = lines[0].removeprefix("event: ")
-    answer = json.loads(lines[1].removeprefix("data: "))
+    kind = lines[-3].removeprefix("event: ")  # the last event: the stories as they grew come before it
+    answer = json.loads(lines[-2].removeprefix("data: "))
     return kind, answer["error"] if kind == "error" else answer
 
 
