@@ -164,7 +164,8 @@ class WebStoryteller:
         return list(zip(*self.teller.stories_and_tags(items, gen_config, style, length, **streaming)))
 
     def told(self, image, style=None, strategy=DEFAULTS["strategy"], temperature=DEFAULTS["temperature"],
-             max_new_tokens=DEFAULTS["max_new_tokens"], num_stories=1, length=None, on_text=None) -> tuple[list[str], list | None]:
+             max_new_tokens=DEFAULTS["max_new_tokens"], num_stories=1, length=None,
+             on_text=None) -> tuple[list[str], list | None]:
         """Stories about one RGB PIL image, or about an album (a list of them, in order), decoded as
         generate.py does with the same settings (generate.py --album for an album), and the picture's
         tags as the decoder read them: [(name, probability), ...], or None for a model without tags.

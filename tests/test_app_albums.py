@@ -65,7 +65,7 @@ def test_an_album_gets_storytellers_story_of_its_pictures_in_upload_order(teller
     library = Storyteller(checkpoint, "cpu")
     asked = []  # what the page hands the model: one album, its pictures in upload order
     stories = teller.teller.stories_and_tags
-    monkeypatch.setattr(teller.teller, "stories_and_tags", lambda items, *a: asked.append(items) or stories(items, *a))
+    monkeypatch.setattr(teller.teller, "stories_and_tags", lambda items, *a, **kw: asked.append(items) or stories(items, *a, **kw))
     for album in unseen[:2]:
         for order in (album, album[::-1]):
             assert greedy(teller, order) == library.tell(order, album=True, strategy="greedy")
@@ -80,8 +80,8 @@ def test_albums_with_the_same_settings_are_decoded_in_one_batch(teller, album_mo
     library = Storyteller(checkpoint, "cpu")
     batches = []
     decode = teller.decode
-    monkeypatch.setattr(teller.batcher, "decode", lambda settings, items: batches.append(len(items)) or
-                        decode(settings, items))
+    monkeypatch.setattr(teller.batcher, "decode", lambda settings, items, on_texts: batches.append(len(items)) or
+                        decode(settings, items, on_texts))
     told = {}
     threads = [threading.Thread(target=lambda k=k: told.setdefault(k, greedy(teller, unseen[k]))) for k in range(4)]
     for thread in threads:
@@ -126,8 +126,8 @@ def test_the_length_menu_shows_for_a_length_model_and_the_story_follows_it(telle
     library = Storyteller(checkpoint, "cpu")
     asked = []
     stories = teller.teller.stories_and_tags
-    monkeypatch.setattr(teller.teller, "stories_and_tags", lambda items, config, style, length: asked.append(length) or
-                        stories(items, config, style, length))
+    monkeypatch.setattr(teller.teller, "stories_and_tags", lambda items, config, style, length, **kw: asked.append(length) or
+                        stories(items, config, style, length, **kw))
     for length in ("short", "long"):
         assert greedy(teller, unseen[0], length) == library.tell(unseen[0], album=True, length=length, strategy="greedy")
     assert asked == ["short", "long"]
