@@ -221,7 +221,8 @@ def test_in_chromium_upload_an_album_in_order_and_read_its_story(served, album_m
             page.get_by_label("greedy").check()
             page.get_by_role("button", name="Generate").click()
             stories = page.locator("#stories textarea")
-            expect(stories).not_to_have_value("", timeout=60_000)
-            assert stories.input_value() == Storyteller(checkpoint, "cpu").tell(album, album=True, strategy="greedy")
+            # The story grows a word at a time, then stays as the library tells it.
+            told = Storyteller(checkpoint, "cpu").tell(album, album=True, strategy="greedy")
+            expect(stories).to_have_value(told, timeout=60_000)
         finally:
             browser.close()
