@@ -15,7 +15,8 @@ import gradio as gr
 import dataset
 from cli import DataError, UserError, non_negative_int, parse_device, positive_int, run_cli
 from model import LENGTHS
-from storyteller import DEFAULTS, STRATEGIES, Storyteller, add_quantize_arg
+from storyteller import DEFAULTS, STRATEGIES, Storyteller, add_quantize_arg, can_stream
+from streaming import StoryStreamer, in_background
 
 SAMPLES = Path(__file__).resolve().parent / "data" / "images"
 MAX_STORIES = 5
@@ -99,17 +100,18 @@ class Batcher:
     Each request's own thread (gradio runs up to --concurrency at once) waits; whichever finds the
     model free takes the oldest waiting requests with its own settings, up to max_batch, decodes them
     and hands each its stories. A failure fails only that batch, and every thread returns its own
-    result, so a slow or broken request never holds up the others' answers for long."""
+    result, so a slow or broken request never holds up the others' answers for long. A request's
+    on_text, if given, is called with its stories' text as it is decoded (decode says how)."""
 
     def __init__(self, decode, max_batch: int):
-        self.decode, self.max_batch = decode, max_batch  # decode(settings, [items]) -> [[stories], ...]
+        self.decode, self.max_batch = decode, max_batch  # decode(settings, [items], [on_text]) -> [[stories], ...]
         self.ready = threading.Condition()
-        self.waiting = []  # [settings, item, result, error, done] of requests not yet decoded; an item is
-        # an image or an album (a list of images), which Storyteller.stories decodes in one batch alike
+        self.waiting = []  # [settings, item, result, error, done, on_text] of requests not yet decoded; an item
+        # is an image or an album (a list of images), which Storyteller.stories decodes in one batch alike
         self.busy = False
 
-    def __call__(self, settings: tuple, image):
-        mine = [settings, image, None, None, False]
+    def __call__(self, settings: tuple, image, on_text=None):
+        mine = [settings, image, None, None, False, on_text]
         with self.ready:
             self.waiting.append(mine)
         while True:
@@ -123,7 +125,7 @@ class Batcher:
                 for r in batch:
                     self.waiting.remove(r)
             try:
-                results, error = self.decode(settings, [r[1] for r in batch]), None
+                results, error = self.decode(settings, [r[1] for r in batch], [r[5] for r in batch]), None
             except Exception as err:
                 results, error = [None] * len(batch), err
             with self.ready:
@@ -145,20 +147,30 @@ class WebStoryteller:
         self.model, self.styles, self.room = self.teller.model, self.teller.styles, self.teller.room
         self.batcher = Batcher(self.decode, max_batch)
 
-    def decode(self, settings: tuple, items: list) -> list[tuple[list[str], list | None]]:
+    def decode(self, settings: tuple, items: list, on_texts=None) -> list[tuple[list[str], list | None]]:
         """Stories for several RGB PIL images or albums (lists of them), all with the same settings (see
-        stories), each with its picture's tags (None for a model without tags)."""
+        stories), each with its picture's tags (None for a model without tags). on_texts: for each item,
+        None or on_text(k, text), called with the new text of its story k as it is decoded (not with
+        beam search, which transformers cannot stream: its stories come only whole)."""
         style, strategy, temperature, max_new_tokens, num_stories, length = settings
         gen_config = self.teller.settings(strategy=strategy, temperature=temperature, max_new_tokens=max_new_tokens,
                                           num_stories=num_stories)
-        return list(zip(*self.teller.stories_and_tags(items, gen_config, style, length)))
+        streaming = {}
+        if any(on_texts or []) and can_stream(gen_config):
+            def on(row, text):  # row k * num_stories + j is item k's story j
+                if on_texts[row // num_stories] is not None:
+                    on_texts[row // num_stories](row % num_stories, text)
+            streaming["streamer"] = StoryStreamer(self.teller.tokenizer, on)
+        return list(zip(*self.teller.stories_and_tags(items, gen_config, style, length, **streaming)))
 
     def told(self, image, style=None, strategy=DEFAULTS["strategy"], temperature=DEFAULTS["temperature"],
-             max_new_tokens=DEFAULTS["max_new_tokens"], num_stories=1, length=None) -> tuple[list[str], list | None]:
+             max_new_tokens=DEFAULTS["max_new_tokens"], num_stories=1, length=None,
+             on_text=None) -> tuple[list[str], list | None]:
         """Stories about one RGB PIL image, or about an album (a list of them, in order), decoded as
         generate.py does with the same settings (generate.py --album for an album), and the picture's
-        tags as the decoder read them: [(name, probability), ...], or None for a model without tags."""
-        return self.batcher((style, strategy, temperature, max_new_tokens, num_stories, length), image)
+        tags as the decoder read them: [(name, probability), ...], or None for a model without tags.
+        on_text(k, text), if given, gets the new text of story k as it is decoded (see decode)."""
+        return self.batcher((style, strategy, temperature, max_new_tokens, num_stories, length), image, on_text)
 
     def stories(self, image, *settings, **named) -> list[str]:
         """The stories of told."""
@@ -204,12 +216,13 @@ class WebStoryteller:
             raise gr.Error(name + message[len(path):], print_exception=False) from None
 
     def on_generate(self, upload, style, strategy, temperature, max_new_tokens, num_stories, album=None,
-                    length=None) -> str:
+                    length=None):
         """The Generate button: gradio's record of the uploaded file ({"path", "orig_name", ...}) and
-        the settings in, the stories as text out. album: the records of an album's files, in upload
-        order, which get one story (and then upload is not used); length: short, medium or long, for
-        a model with length control. A problem the user can fix becomes a message in the page
-        (gr.Error), not a traceback."""
+        the settings in, the stories as text out, yielded as they grow while they are decoded (a word
+        at a time; with beam search only whole), then the whole text. album: the records of an album's
+        files, in upload order, which get one story (and then upload is not used); length: short,
+        medium or long, for a model with length control. A problem the user can fix becomes a message
+        in the page (gr.Error), not a traceback."""
         def is_upload(record):  # Page checked that every "path" in the request is an upload
             return isinstance(record, dict) and isinstance(record.get("path"), str)
         uploads = album if isinstance(album, list) and album else [upload]
@@ -224,14 +237,34 @@ class WebStoryteller:
             item = [self.load(record) for record in album]
         else:
             item = self.load(upload)
+        # The Batcher's call runs in a thread of its own, which may decode the batch, while this one
+        # hands the page each piece. If the client goes away the thread still ends with its batch, which
+        # other requests share, and nothing waits for its pieces.
+        grown = [""] * settings[4]
+        pieces = in_background(lambda put: self.told(item, *settings, on_text=lambda k, text: put((k, text))))
         try:
-            stories, tags = self.told(item, *settings)
+            while True:
+                k, text = next(pieces)
+                grown[k] += text
+                yield page_text(grown)
+        except StopIteration as done:
+            stories, tags = done.value
         except UserError as err:  # e.g. a style this model does not know
             raise gr.Error(str(err), print_exception=False) from None
-        text = stories[0] if len(stories) == 1 else "\n\n".join(f"{k}. {s}" for k, s in enumerate(stories, start=1))
-        if tags:  # what the model read the picture shows, under the story
-            text += "\n\nWhat it saw: " + ", ".join(f"{name} ({p:.0%})" for name, p in tags)
+        yield page_text(stories, tags)
+
+    def text(self, *inputs) -> str:
+        """The whole text on_generate(*inputs) ends with, for a caller that need not watch it grow."""
+        *_, text = self.on_generate(*inputs)
         return text
+
+
+def page_text(stories: list[str], tags=None) -> str:
+    """The stories as the page shows them (numbered if several) and, for a model with tags, what it saw."""
+    text = stories[0] if len(stories) == 1 else "\n\n".join(f"{k}. {s}" for k, s in enumerate(stories, start=1))
+    if tags:  # what the model read the picture shows, under the story
+        text += "\n\nWhat it saw: " + ", ".join(f"{name} ({p:.0%})" for name, p in tags)
+    return text
 
 
 def file_paths(value):

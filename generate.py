@@ -92,6 +92,8 @@ def main(argv=None):
     gen_config = teller.settings(**decoding(args))
     if args.seed is not None:
         torch.manual_seed(args.seed)
+    # A person at a terminal reads one image's story as it is decoded; the text is the same in the end.
+    stream = sys.stdout.isatty() and not args.json and args.num_stories == 1 and len(items) == 1 and items == args.images
 
     # Images are read a batch at a time, so a folder of any size fits in memory; an album is one item.
     failed = 0
@@ -109,8 +111,15 @@ def main(argv=None):
                 continue
             done.append(item)
             pictures.append(loaded if isinstance(item, list) else loaded[0])
-        for item, stories, tags in zip(done, *teller.stories_and_tags(pictures, gen_config, args.style, args.length)):
-            tqdm.write(format_stories(item, stories, args.json, several=len(items) > 1, tags=tags), file=sys.stdout)
+        if stream:
+            if pictures:  # format_stories' text, a word at a time
+                print("Generated Story:", flush=True)
+                for piece in teller.stream(pictures[0], args.style, args.length, **decoding(args)):
+                    print(piece, end="", flush=True)
+                print("\n")
+        else:
+            for item, stories, tags in zip(done, *teller.stories_and_tags(pictures, gen_config, args.style, args.length)):
+                tqdm.write(format_stories(item, stories, args.json, several=len(items) > 1, tags=tags), file=sys.stdout)
         sys.stdout.flush()
         bar.update(len(items[start:start + args.batch_size]))
     bar.close()

@@ -4,6 +4,8 @@ transformers' generate and formatted. generate.py, app.py and evaluate.py use it
     from storyteller import Storyteller
     teller = Storyteller("vlm_model.pt")
     print(teller.tell("data/images/photo_rocket.jpg"))
+    for piece in teller.stream("data/images/photo_rocket.jpg"):  # the same story, a word at a time
+        print(piece, end="", flush=True)
 """
 import functools
 import json
@@ -12,7 +14,7 @@ import warnings
 
 import torch
 from PIL import Image
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
 
 import dataset
 from checkpoint import load_checkpoint, load_model
@@ -20,6 +22,7 @@ from cli import DTYPES, UserError, non_negative_float, non_negative_int, pick_de
 from metrics import tag_words
 from model import LENGTHS, decoder_sizes
 from quantize import METHODS as QUANTIZE_METHODS, quantize_decoder
+from streaming import StopFlag, StoryStreamer, in_background
 
 # The prefix is embeddings, not tokens, so n-gram blocking and the repetition penalty can only look
 # at the story itself: as intended.
@@ -99,6 +102,11 @@ def generation_config(tokenizer, max_new_tokens=DEFAULTS["max_new_tokens"], stra
         config = GenerationConfig(do_sample=False, num_beams=1, **common)
     config.tag_bias = tag_bias  # ours, not transformers': stories_from_features reads it (MentionTags)
     return config
+
+
+def can_stream(gen_config) -> bool:
+    """Whether transformers' generate can hand on the stories as it decodes them: not with beam search."""
+    return (gen_config.num_beams or 1) == 1  # None: transformers' default, one
 
 
 def story_room(model) -> int:
@@ -249,10 +257,11 @@ class MentionTags(LogitsProcessor):
 
 
 def stories_from_features(model, tokenizer, features, gen_config, style=None, length=None,
-                          album_mask=None, tags=None) -> list[list[str]]:
+                          album_mask=None, tags=None, **generate_kwargs) -> list[list[str]]:
     """gen_config.num_return_sequences stories for each row of features: (B, feature_dim), or
     albums (B, S, feature_dim) with their album_mask (B, S). For a model with tags, tags are each
-    picture's (picture_tags, computed if not given), and gen_config.tag_bias pushes the story to say one."""
+    picture's (picture_tags, computed if not given), and gen_config.tag_bias pushes the story to say one.
+    generate_kwargs go to transformers' generate (streamer=..., stopping_criteria=...)."""
     sid, lid = style_id(model.config, style), length_id(model.config, length)
     B, device = len(features), features.device
     style_ids = torch.full((B,), sid, device=device) if model.config.styles else None
@@ -265,7 +274,7 @@ def stories_from_features(model, tokenizer, features, gen_config, style=None, le
         if getattr(gen_config, "tag_bias", 0):
             prompt["logits_processor"] = LogitsProcessorList([MentionTags(tokenizer, tags, gen_config.tag_bias)])
     ids = model.generate(features=features, style_ids=style_ids, length_ids=length_ids, album_mask=album_mask,
-                         generation_config=gen_config, **prompt)
+                         generation_config=gen_config, **prompt, **generate_kwargs)
     texts = [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
     n = gen_config.num_return_sequences
     return [texts[i * n:(i + 1) * n] for i in range(len(features))]
@@ -334,13 +343,17 @@ class Storyteller:
         """(B, feature_dim) features of RGB PIL images."""
         return encode_images(self.model, images)
 
-    def from_features(self, features, gen_config, style=None, length=None, album_mask=None, tags=None) -> list[list[str]]:
-        return stories_from_features(self.model, self.tokenizer, features, gen_config, style, length, album_mask, tags)
+    def from_features(self, features, gen_config, style=None, length=None, album_mask=None, tags=None,
+                      **generate_kwargs) -> list[list[str]]:
+        return stories_from_features(self.model, self.tokenizer, features, gen_config, style, length, album_mask, tags,
+                                     **generate_kwargs)
 
-    def stories_and_tags(self, images, gen_config, style=None, length=None) -> tuple[list[list[str]], list]:
+    def stories_and_tags(self, images, gen_config, style=None, length=None, **generate_kwargs) -> tuple[list[list[str]], list]:
         """gen_config.num_return_sequences stories for each item of images, decoded in one batch
         (an item is an RGB PIL image, or an album, a list of them, that gets one story), and each
-        item's tags: [(name, probability), ...] as the decoder read them, or None for a model without tags."""
+        item's tags: [(name, probability), ...] as the decoder read them, or None for a model without tags.
+        generate_kwargs go to transformers' generate: streamer=streaming.StoryStreamer(...) hands on the
+        stories as they are decoded, row k * num_return_sequences + j being item k's story j."""
         if not images:
             return [], []
         albums = [list(item) if isinstance(item, (list, tuple)) else [item] for item in images]
@@ -348,12 +361,12 @@ class Storyteller:
             self.check_album(len(album))
         features, album_mask = encode_albums(self.model, albums)
         tags = picture_tags(self.model, features) if self.model.config.tags else None
-        stories = self.from_features(features, gen_config, style, length, album_mask, tags)
+        stories = self.from_features(features, gen_config, style, length, album_mask, tags, **generate_kwargs)
         return stories, tags or [None] * len(stories)
 
-    def stories(self, images, gen_config, style=None, length=None) -> list[list[str]]:
+    def stories(self, images, gen_config, style=None, length=None, **generate_kwargs) -> list[list[str]]:
         """The stories of stories_and_tags."""
-        return self.stories_and_tags(images, gen_config, style, length)[0]
+        return self.stories_and_tags(images, gen_config, style, length, **generate_kwargs)[0]
 
     def load_image(self, path):
         """An image file as the model sees it: upright RGB, at least the model's input size."""
@@ -384,3 +397,24 @@ class Storyteller:
             told += self.stories(batch, gen_config, style, length)
         told = [stories[0] if gen_config.num_return_sequences == 1 else stories for stories in told]
         return told[0] if single else told
+
+    def stream(self, image, style=None, length=None, seed=None, **decoding):
+        """The story tell(image, ...) returns with the same settings and seed, in pieces as it is
+        decoded, a word at a time: "".join(teller.stream(image, seed=1)) == teller.tell(image, seed=1).
+        image: a path or a PIL image; one story (num_stories=1). generate runs in a thread of its own;
+        an error there is raised here, and a reader that stops early stops it at its next token.
+        transformers' beam search cannot stream: with strategy="beam" the story comes whole, in one piece."""
+        gen_config = self.settings(**decoding)
+        if gen_config.num_return_sequences != 1:
+            raise UserError(f"stream tells one story; got num_stories={gen_config.num_return_sequences}")
+        self.check_style(style, length)
+        picture = self.picture(image)
+        if seed is not None:
+            torch.manual_seed(seed)  # the process's generator, which generate's thread draws from too
+        if not can_stream(gen_config):
+            yield self.stories([picture], gen_config, style, length)[0][0]
+            return
+        stop = StopFlag()
+        yield from in_background(lambda put: self.stories(
+            [picture], gen_config, style, length, streamer=StoryStreamer(self.tokenizer, lambda row, text: put(text)),
+            stopping_criteria=StoppingCriteriaList([stop])), stop)

@@ -49,7 +49,7 @@ def test_the_page_tells_the_same_story_as_generate_py(teller, tiny_checkpoint, c
 
 
 def test_several_stories_are_numbered(teller):
-    text = teller.on_generate({"path": str(BOAT)}, "", "sample", 0.8, 10, 2)
+    text = teller.text({"path": str(BOAT)}, "", "sample", 0.8, 10, 2)
     assert text.startswith("1. ") and "\n\n2. " in text
 
 
@@ -60,15 +60,15 @@ def test_a_bad_image_is_a_message_in_the_page(teller, tmp_path, content, message
     bad = tmp_path / "upload-7f3a"  # gradio keeps the name the user gave in orig_name
     bad.write_bytes(content)
     with pytest.raises(gr.Error) as err:
-        teller.on_generate({"path": str(bad), "orig_name": "bad.png"}, "", "sample", 0.8, 20, 1)
+        teller.text({"path": str(bad), "orig_name": "bad.png"}, "", "sample", 0.8, 20, 1)
     assert err.value.message.startswith(message) and str(tmp_path) not in err.value.message
 
 
 def test_no_image_or_greedy_with_several_stories_is_a_message(teller):
     with pytest.raises(gr.Error, match="Upload an image"):
-        teller.on_generate(None, "", "sample", 0.8, 20, 1)
+        teller.text(None, "", "sample", 0.8, 20, 1)
     with pytest.raises(gr.Error, match="Greedy decoding gives one story"):
-        teller.on_generate({"path": str(BOAT)}, "", "greedy", 0.8, 20, 2)
+        teller.text({"path": str(BOAT)}, "", "greedy", 0.8, 20, 2)
 
 
 def test_style_menu_only_for_a_model_with_styles(teller, monkeypatch):
@@ -181,8 +181,8 @@ def call(client, path, settings=("", "greedy", 0.8, 20, 1), read=True):
     if not read:
         return event_id
     lines = client.get(f"gradio_api/call/on_generate/{event_id}").text.splitlines()
-    kind = lines[0].removeprefix("event: ")
-    data = json.loads(lines[1].removeprefix("data: "))
+    kind = lines[-3].removeprefix("event: ")  # the last event: the stories as they grew come before it
+    data = json.loads(lines[-2].removeprefix("data: "))
     return kind, data["error"] if kind == "error" else data
 
 
@@ -232,7 +232,7 @@ def test_a_login_guards_the_page_and_its_api(service):
 def test_eight_clients_at_once_then_junk_and_a_hang_up_never_wedge_the_queue(service, teller):
     from gradio_client import Client, handle_file
     photos = sorted((DATA / "images").glob("*.jpg"))[:8]
-    alone = {photo: teller.on_generate({"path": str(photo)}, "", "greedy", 0.8, 20, 1) for photo in photos}
+    alone = {photo: teller.text({"path": str(photo)}, "", "greedy", 0.8, 20, 1) for photo in photos}
     assert len(set(alone.values())) == 8  # a story each: a mix-up between the clients would show
     stories, errors = {}, []
 
@@ -330,7 +330,7 @@ def test_an_image_over_the_pixel_limit_is_a_message_naming_the_flag(teller, tmp_
     big = tmp_path / "upload"
     Image.new("RGB", (100, 100)).save(big, format="PNG")  # 10,000 pixels: over twice the limit, a bomb to Pillow
     with pytest.raises(gr.Error) as err:
-        teller.on_generate({"path": str(big), "orig_name": "big.png"}, "", "sample", 0.8, 20, 1)
+        teller.text({"path": str(big), "orig_name": "big.png"}, "", "sample", 0.8, 20, 1)
     assert err.value.message.startswith("big.png: 10000 pixels, over the limit of 1000")
     assert "--max-image-pixels 10000" in err.value.message
 
@@ -340,7 +340,7 @@ def test_an_image_over_the_pixel_limit_is_a_message_naming_the_flag(teller, tmp_
 def test_requests_that_arrive_together_are_decoded_in_one_batch_each_getting_its_own_stories():
     batches = []
 
-    def decode(settings, images):
+    def decode(settings, images, on_texts):
         batches.append((settings, list(images)))
         time.sleep(0.2)  # long enough for the other requests to arrive and wait
         return [[f"{settings[0]} story of {image}"] for image in images]
@@ -361,7 +361,7 @@ def test_requests_that_arrive_together_are_decoded_in_one_batch_each_getting_its
 
 
 def test_a_failing_batch_fails_only_its_own_requests():
-    def decode(settings, images):
+    def decode(settings, images, on_texts):
         time.sleep(0.1)
         if settings == ("bad",):
             raise UserError("this batch failed")
@@ -393,7 +393,7 @@ def test_a_failing_batch_fails_only_its_own_requests():
 ], ids=["strategy", "nan temperature", "fractional max tokens", "a billion stories", "no max tokens", "style"])
 def test_settings_sent_by_an_api_client_are_checked(teller, settings, message):
     with pytest.raises(gr.Error) as err:
-        teller.on_generate({"path": str(BOAT)}, *settings)
+        teller.text({"path": str(BOAT)}, *settings)
     assert err.value.message.startswith(message)
 
 

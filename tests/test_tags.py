@@ -108,7 +108,7 @@ def test_the_web_page_shows_what_it_saw_under_the_story(tag_model):
     web = app.WebStoryteller(tag_model, "cpu")
     image = web.teller.load_image(PHOTO)
     stories, tags = web.told(image, None, "greedy", 1.0, 8, 1)
-    text = web.on_generate({"path": str(PHOTO)}, None, "greedy", 1.0, 8, 1)
+    text = web.text({"path": str(PHOTO)}, None, "greedy", 1.0, 8, 1)
     assert text == stories[0] + "\n\nWhat it saw: " + ", ".join(f"{n} ({p:.0%})" for n, p in tags)
 
 
