@@ -92,11 +92,11 @@ def fastest(step, n) -> float:
     return min(times)
 
 
-def quantized(model, method):
+def quantized(model, method, tokenizer):
     """The model as section 5 measures it: its decoder quantized by method ("none": left float32),
     and the peak memory counted from here on, after the float weights quantizing replaced are freed."""
     if method != "none":
-        model.decoder = quantize.quantize_decoder(model.decoder, method)
+        model.decoder = quantize.quantize_decoder(model.decoder, method, quantize.calibration_ids(tokenizer))
     gc.collect()
     if sys.platform == "linux":
         with contextlib.suppress(OSError):
@@ -190,7 +190,7 @@ def decoding_rate(size, device, how, method=None):
     model, tokenizer = build(size, device)
     model.eval()
     if method is not None:
-        quantized(model, method)
+        quantized(model, method, tokenizer)
     n = size["new_tokens"]
     features = torch.randn(1, model.config.feature_dim, device=device)
     if how == "generate.py":  # its own generation settings (greedy), through StoryModel.generate
@@ -218,7 +218,7 @@ def stories_rate(size, device, batch_size, method=None):
     model, tokenizer = build(size, device)
     model.eval()
     if method is not None:
-        quantized(model, method)
+        quantized(model, method, tokenizer)
     paths = sorted((DATA / "images").glob("*.jpg"))[: size["story_images"]]
     images = [dataset.load_image(p, size["resize_size"]) for p in paths]
     n = size["story_tokens"]
@@ -261,7 +261,7 @@ def train_tiny(out, device):
 def compare(model, tokenizer, device, method):
     """quality()'s figures for a loaded model and its copy quantized by method."""
     model.to(device).eval()
-    models = {"float32": model, method: quantized(copy.deepcopy(model), method)}
+    models = {"float32": model, method: quantized(copy.deepcopy(model), method, tokenizer)}
     examples = dataset.read_examples(DATA / "stories.txt", DATA / "images", min_side=model.config.resize_size)
     names = sorted({ex.image for ex in examples})
     images = [dataset.load_image(DATA / "images" / name, model.config.resize_size) for name in names]

@@ -21,7 +21,7 @@ from checkpoint import load_checkpoint, load_model
 from cli import DTYPES, UserError, non_negative_float, non_negative_int, pick_device, positive_float, positive_int, top_p_value
 from metrics import tag_words
 from model import LENGTHS, decoder_sizes
-from quantize import METHODS as QUANTIZE_METHODS, quantize_decoder
+from quantize import METHODS as QUANTIZE_METHODS, calibration_ids, quantize_decoder
 from streaming import StopFlag, StoryStreamer, in_background
 
 # The prefix is embeddings, not tokens, so n-gram blocking and the repetition penalty can only look
@@ -317,7 +317,7 @@ class Storyteller:
         self.model.to(self.device, DTYPES[dtype]).eval()
         self.model.encoder.to(memory_format=torch.channels_last)
         if quantize != "none":
-            self.model.decoder = quantize_decoder(self.model.decoder, quantize)
+            self.model.decoder = quantize_decoder(self.model.decoder, quantize, calibration_ids(self.tokenizer))
         self.styles = list(self.model.config.styles or [])  # a model trained with a style column
         self.room = story_room(self.model)  # the longest story the decoder's context has room for
 
