@@ -3,6 +3,7 @@
     python bench.py            # GPT-2 small + ResNet-50 with random weights, offline: minutes on a laptop CPU
     python bench.py --quick    # toy sizes, seconds: keeps every row working (the tests run it)
     python bench.py --checkpoint vlm_model.pt   # section 5's quality rows on your trained model
+    python bench.py --only 6 --real vlm_model.pt   # int8 and start-up on a model of real weights (the small preset)
 
 Random weights, because speed does not depend on them and nothing has to be downloaded; the
 images and stories are the sample data in data/. Every row runs in its own forked process, so the
@@ -53,7 +54,8 @@ SIZES = {
                   story_images=2, story_tokens=4),
 }
 TARGETS = {"frozen_c_over_a": 2.5, "b_over_d": 0.9, "encoder": 2.5, "vs_recompute": 10, "vs_transformers": 1.3,
-           "batched": 4, "int8_batch_1": 2, "int8_batched": 1.5, "int8_loss": 1.02, "int8_memory": 1}
+           "batched": 4, "int8_batch_1": 2, "int8_batched": 1.5, "int8_loss": 1.02, "int8_memory": 1,
+           "first_word": 6, "whole": 10}  # the last two in seconds, not ratios
 
 
 # ----------------------------------------------------------------------------- running a row
@@ -234,6 +236,50 @@ def stories_rate(size, device, batch_size, method=None):
     return len(images) / fastest(run, 1)
 
 
+def real_decoding_rate(size, device, checkpoint, batch, method):
+    """Section 6: new tokens/s of a trained model (the small preset's: real SmolLM2 weights), batch
+    stories of exactly 64 new tokens each, greedy, from features of random images."""
+    model, tokenizer = load_model(load_checkpoint(checkpoint), where=checkpoint)
+    model.to(device).eval()
+    quantized(model, method, tokenizer)
+    config = storyteller.generation_config(tokenizer, 64, strategy="greedy")
+    config.min_new_tokens = 64
+    features = torch.randn(batch, model.config.feature_dim, device=device)
+    with torch.no_grad():
+        return batch * 64 / fastest(partial(model.generate, features=features, generation_config=config), 2)
+
+
+def first_word(size, device, checkpoint, method):
+    """Section 6: `python generate.py IMAGE --checkpoint CHECKPOINT` as a user runs it, at a terminal
+    (a pseudo-terminal, so the story streams): seconds from the start to the story's first word and
+    to the process's end. The peak memory is generate.py's own (its process's peak resident set)."""
+    import pty
+    command = [sys.executable, str(ROOT / "generate.py"), str(DATA / "images" / "photo_cat.jpg"), "--checkpoint",
+               checkpoint, "--seed", "0", "--device", str(device)] + (["--quantize", method] if method != "none" else [])
+    leader, follower = pty.openpty()
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=follower, stderr=subprocess.DEVNULL, close_fds=True)
+    os.close(follower)
+    out, first = b"", None
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal closes when generate.py ends
+            break
+        if not chunk:
+            break
+        out += chunk
+        if first is None and out.partition(b"Generated Story:")[2].strip():
+            first = time.perf_counter() - start
+    process.wait()
+    whole = time.perf_counter() - start
+    os.close(leader)
+    if process.returncode != 0:
+        raise UserError(f"section 6: generate.py --checkpoint {checkpoint} failed (exit {process.returncode}); run it to see why")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+    return first, whole, peak
+
+
 def quality(size, device, checkpoint, method):
     """How much quantizing changes a trained model, on the sample data: the mean loss per token of
     the reference stories with float32 and with quantized weights, and how many images get word for
@@ -308,10 +354,14 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="toy model sizes: every row in seconds, the figures mean nothing")
     p.add_argument("--device", type=parse_device, default="cpu", help="cpu, cuda, cuda:N, mps or auto (default: %(default)s)")
-    p.add_argument("--only", type=int, choices=range(1, 6), metavar="SECTION",
-                   help="measure only this section of the table, 1-5 (5: int8 weights), and its ratios")
+    p.add_argument("--only", type=int, choices=range(1, 7), metavar="SECTION",
+                   help="measure only this section of the table, 1-6 (5: int8 weights; 6: a model on real weights), and its ratios")
     p.add_argument("--checkpoint", help="a model trained by train.py for section 5's quality rows "
                                         "(default: train the tiny preset on the sample data first, about a minute)")
+    p.add_argument("--real", default="vlm_model.pt",
+                   help="section 6's model on real weights, e.g. the small preset's (python prepare.py weights; "
+                        "python train.py --preset small): its decoding speed, int8 quality and generate.py's start "
+                        "(default: %(default)s, if it is there)")
     return p.parse_args(argv)
 
 
@@ -382,6 +432,30 @@ def main(argv=None):
               flush=True)
     elif wanted(5):
         print("| 5. int8 weights | - (CPU only) | - |", flush=True)
+    real = wanted(6) and not args.quick and device.type == "cpu" and Path(args.real).exists()
+    if real:  # a trained model on real weights: what a user of the small preset gets
+        for method, label in (("none", "float32"), ("int8", "int8")):
+            row(f"real_1_{method}", f"6a. {args.real}: decoding, batch 1, 64 new tokens, {label}", "tokens/s",
+                real_decoding_rate, args.real, 1, method)
+            row(f"real_16_{method}", f"6b. {args.real}: decoding, 16 stories batched, {label}", "tokens/s",
+                real_decoding_rate, args.real, 16, method)
+        q, _ = measure(quality, size, device, args.real, "int8")
+        figures.update(real_loss_int8=q["int8"], real_loss_none=q["float32"])
+        print(f"| 6c. reference loss per token on the sample stories, {args.real}: float32 / int8 | "
+              f"{q['float32']:.4f} / {q['int8']:.4f} | - |")
+        print(f"| 6d. greedy stories word for word the same in int8 | {q['same']} of {q['images']} images | - |", flush=True)
+        for method, flag in (("none", ""), ("int8", " --quantize int8")):
+            (first, whole, peak), _ = measure(first_word, size, device, args.real, method)
+            figures[f"first_{method}"], figures[f"whole_{method}"] = first, whole
+            print(f"| 6e. python generate.py IMAGE{flag} at a terminal: first word / whole process | "
+                  f"{first:.1f} s / {whole:.1f} s | {peak:,.0f} MiB |", flush=True)
+        met = lambda ok: "met" if ok else "not met"
+        print(f"| 6e. targets, float32: first word <= {TARGETS['first_word']:g} s, whole <= {TARGETS['whole']:g} s | "
+              f"{met(figures['first_none'] <= TARGETS['first_word'])}, {met(figures['whole_none'] <= TARGETS['whole'])} | - |")
+    elif wanted(6):
+        why = "CPU only" if device.type != "cpu" else "not with --quick" if args.quick else \
+            f"no {args.real}: python prepare.py weights; python train.py --preset small, or --real CHECKPOINT"
+        print(f"| 6. a model on real weights | - ({why}) | - |", flush=True)
 
     ratios = [  # label, numerator, denominator, target: each where its section was measured
         ("1. training, GPT-2 frozen: (c) cache + bfloat16 / (a) plain", "frozen_c", "frozen_a", TARGETS["frozen_c_over_a"]),
@@ -398,6 +472,10 @@ def main(argv=None):
         (f"5b. stories for {n} images, batched: int8 / float32", "stories_int8", "stories_none", TARGETS["int8_batched"]),
         ("5c. reference loss: int8 / float32", "loss_int8", "loss_none", ("<=", TARGETS["int8_loss"])),
         ("5a. peak memory while decoding, batch 1: int8 / float32", "peak_int8", "peak_none", ("<", TARGETS["int8_memory"])),
+        ("6a. real weights, decoding, batch 1: int8 / float32", "real_1_int8", "real_1_none", TARGETS["int8_batch_1"]),
+        ("6b. real weights, 16 stories batched: int8 / float32", "real_16_int8", "real_16_none", TARGETS["int8_batched"]),
+        ("6c. real weights, reference loss: int8 / float32", "real_loss_int8", "real_loss_none", ("<=", TARGETS["int8_loss"])),
+        ("6e. generate.py, whole process: int8 / float32", "whole_int8", "whole_none", ("<", 1)),
     ]
     if int8:
         figures.update(loss_int8=q["int8"], loss_none=q["float32"], peak_int8=peaks["dec_int8"], peak_none=peaks["dec_none"])
