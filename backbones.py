@@ -99,6 +99,10 @@ def from_pretrained(cls, name_or_dir: str, what: str, flag: str, ways_out: str, 
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise UserError(f"{name_or_dir}: not a {what} model (loading it failed: {reason}); {flag} takes a hub name or a folder "
                         f"written by save_pretrained") from None
+    if config is not None and info["unexpected_keys"]:  # more layers, or parts, than the given architecture has
+        extra = sorted(info["unexpected_keys"])
+        raise UserError(f"{name_or_dir}: has weights a {what} of the given architecture does not ({extra[0]} and "
+                        f"{len(extra) - 1} more)")
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
         raise UserError(f"{name_or_dir}: not a {what} model (it has no weights for {missing[0]} and "
@@ -110,9 +114,13 @@ def load_decoder(name_or_dir: str, config=None):
     """Any causal LM that AutoModelForCausalLM loads (gpt2, HuggingFaceTB/SmolLM2-135M, Qwen2, OPT, ...)
     from a local save_pretrained folder, the Hugging Face cache, or the hub, in float32; config: the
     transformers config to build it from (a checkpoint's), if not the folder's own."""
-    from transformers import AutoModelForCausalLM
-    return from_pretrained(AutoModelForCausalLM, name_or_dir, "causal LM", "--decoder",
+    from transformers import AutoModelForCausalLM, GenerationConfig
+    model = from_pretrained(AutoModelForCausalLM, name_or_dir, "causal LM", "--decoder",
                             OFFLINE_HINT.format(flag="--decoder DIR"), config)
+    # The folder's generation_config.json would fill in what our decoding settings leave unset
+    # (its temperature, length_penalty, ...); stories follow this project's settings alone.
+    model.generation_config = GenerationConfig.from_model_config(model.config)
+    return model
 
 
 def load_clip(name_or_dir: str):

@@ -22,6 +22,7 @@ import multiprocessing
 import os
 import platform
 import resource
+import select
 import subprocess
 import sys
 import tempfile
@@ -260,8 +261,10 @@ def first_word(size, device, checkpoint, method):
     start = time.perf_counter()
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=follower, stderr=subprocess.DEVNULL, close_fds=True)
     os.close(follower)
-    out, first = b"", None
-    while True:
+    out, first, deadline = b"", None, start + 600
+    while time.perf_counter() < deadline:
+        if not select.select([leader], [], [], 1.0)[0]:
+            continue
         try:
             chunk = os.read(leader, 4096)
         except OSError:  # the terminal closes when generate.py ends
@@ -271,11 +274,14 @@ def first_word(size, device, checkpoint, method):
         out += chunk
         if first is None and out.partition(b"Generated Story:")[2].strip():
             first = time.perf_counter() - start
+    if process.poll() is None:  # still running after 10 minutes
+        process.kill()
     process.wait()
     whole = time.perf_counter() - start
     os.close(leader)
-    if process.returncode != 0:
-        raise UserError(f"section 6: generate.py --checkpoint {checkpoint} failed (exit {process.returncode}); run it to see why")
+    if process.returncode != 0 or first is None:
+        raise UserError(f"section 6: generate.py --checkpoint {checkpoint} failed (exit {process.returncode}) or "
+                        f"wrote no story; run it to see why")
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
     return first, whole, peak
 

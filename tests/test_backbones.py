@@ -116,6 +116,14 @@ def test_llama_decoder_frozen_with_a_frozen_timm_encoder(backbones, tmp_path, ca
         return run.returncode, run.returncode == 0 and json.loads((tmp_path / "metrics.json").read_text())["stories"]
     assert scored(moved)[0] == 2 and scored(moved, *elsewhere) == scored(out)
 
+    # A Llama of another depth or width in --decoder's place is refused in one line, not half loaded.
+    trained = AutoModelForCausalLM.from_pretrained(root / "llama").config
+    for name, change in [("deeper", dict(num_hidden_layers=3)), ("wider", dict(intermediate_size=96))]:
+        other = LlamaConfig(**{**trained.to_dict(), **change})
+        AutoModelForCausalLM.from_config(other).save_pretrained(tmp_path / name)
+        with pytest.raises(UserError, match=f"^{tmp_path / name}: this decoder does not have the architecture and size"):
+            load_model(ckpt, decoder=str(tmp_path / name), where=out)
+
 
 def test_llama_lora_with_peft_default_targets(backbones, tmp_path):
     """LoRA on a Llama: peft's q_proj/v_proj by default, only adapters (and mapper) stored, base weights intact."""

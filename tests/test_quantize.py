@@ -159,7 +159,10 @@ def test_int8_stories_still_follow_the_picture(tiny_checkpoint):
 
 def test_app_and_evaluate_take_int8_too(tiny_checkpoint, tmp_path, capsys):
     image = DATA / "images" / "night_sea_boat.jpg"
-    [story] = app.WebStoryteller(tiny_checkpoint, "cpu", quantize_method="int8").stories(Image.open(image).convert("RGB"), strategy="greedy")
+    web = app.WebStoryteller(tiny_checkpoint, "cpu", quantize_method="int8")
+    layers = [m for m in web.model.decoder.modules() if isinstance(m, QuantizedLinear)]
+    assert layers and all(not torch.all(m.inv_smooth == 1) for m in layers)  # calibrated: SmoothQuant's smoothing is on
+    [story] = web.stories(Image.open(image).convert("RGB"), strategy="greedy")
     generate.main([str(image), "--checkpoint", str(tiny_checkpoint), "--strategy", "greedy", "--json", "--device", "cpu",
                    "--quantize", "int8"])
     assert story == json.loads(capsys.readouterr().out)["story"]  # the page and the script decode alike
