@@ -39,11 +39,11 @@ class Int8Linear(nn.Module):
     """nn.Linear with int8 weights (one scale per output row) and int8 inputs (one scale per row,
     i.e. per token), after SmoothQuant's per-channel smoothing. Inference only.
 
-    Two kernels, close numbers (int8's rounding apart): for a single row (decoding one story, a token at a time) fbgemm's
-    or oneDNN's dynamic linear (torch.ops.quantized), whose one activation scale per call is then that
-    token's own and which measured 1.6x (2.8x for the LM head) faster than the other; for several rows
-    (the prefix, a batch of stories) torch._int_mm on int8 rows, each with its own scale, because one
-    scale per call would let a single loud token drown out the others."""
+    Two kernels, close numbers (int8's rounding apart): for a single row (decoding one story, a token
+    at a time) fbgemm's or oneDNN's dynamic linear (torch.ops.quantized), whose one activation scale
+    per call is then that token's own and which measured 1.6x (2.8x for the LM head) faster than the
+    other; for several rows (the prefix, a batch of stories) torch._int_mm on int8 rows, each with its
+    own scale, because one scale per call would let a single loud token drown out the others."""
 
     def __init__(self, linear: nn.Linear, input_max: torch.Tensor | None, alpha: float = ALPHA):
         super().__init__()
