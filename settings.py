@@ -30,6 +30,7 @@ class TrainSettings:
     length_buckets: list | None
     tags: int
     tag_min_prob: float  # with tags: a class after the first is named only this sure
+    tag_stories: str | None  # with tags: more stories, about the tags (prepare.py stories --tags)
     tags_asked: bool  # --tags was given on the command line (else tags is the preset's default, or 0)
     encoder: str
     clip: str

@@ -134,6 +134,10 @@ def parse_args(argv=None) -> TrainSettings:
                         "model's) finds likeliest as words after the prefix (\"Pictured: tabby cat, ...\"), so the "
                         "decoder reads what a photo shows, also for pictures unlike the training ones; 0 = off "
                         "(default: gpt2 and small: 3 for single images and a frozen encoder, tiny: 0)")
+    p.add_argument("--tag-stories", metavar="FILE",
+                   help="with --tags: more stories to train on, each about the tags the classifier reads in its "
+                        "picture (prepare.py stories --tags writes them), so that the decoder learns to say what the "
+                        "tags name; none = only --stories (default: small, on the sample data: data/tag_stories.txt)")
     p.add_argument("--tag-min-prob", type=fraction, default=backbones.TAG_MIN_PROB,
                    help="with --tags: name a class after the first only if the classifier gives it at least this "
                         "probability, as one sure class tells more than three guesses (default: %(default)s)")
@@ -196,6 +200,11 @@ def parse_args(argv=None) -> TrainSettings:
     args = p.parse_args(argv)
     preset = dict(PRESETS[args.preset])
     args.tags_asked = args.tags is not None
+    tag_stories_asked = args.tag_stories not in (None, "none")
+    if args.tag_stories is None and args.preset == "small" and (args.stories, args.images) == (p.get_default("stories"), p.get_default("images")):
+        # Written for the sample pictures by this preset's own classifier and writer (docs/backbones.md).
+        args.tag_stories = "data/tag_stories.txt"
+    args.tag_stories = None if args.tag_stories == "none" else args.tag_stories
     if args.preset == "small":
         args.decoder, args.encoder_weights = backbones.local_weights(args.decoder, args.encoder, args.encoder_weights)
     if args.lora:
@@ -213,6 +222,10 @@ def parse_args(argv=None) -> TrainSettings:
     args.length_control = args.length_control or args.length_buckets is not None
     if not args.tags_asked and (args.encoder == "clip-vit-b32" or args.train_encoder or args.no_feature_cache):
         args.tags = 0  # the preset's tags read a frozen encoder's ImageNet classifier from the cached features
+    if args.tag_stories and not args.tags:
+        if tag_stories_asked:
+            p.error("--tag-stories are stories about the tags, which this run does not read: add --tags 3, or leave out --tag-stories")
+        args.tag_stories = None  # the preset's, off with its tags
     args.tags = args.tags or 0
     if args.tags and (args.encoder == "clip-vit-b32" or args.preset == "tiny" or args.train_encoder):
         p.error("--tags reads a frozen pretrained encoder's ImageNet classifier: use ResNet-50 or --encoder timm:NAME "
@@ -286,10 +299,14 @@ def main(argv=None):
     with start_run(args.device, partial(out_of_memory_advice, args)) as run:
         # Data: every problem is reported before any model is built or trained.
         examples = dataset.read_examples(args.stories, args.images, min_side=args.resize_size)
-        data_id = hashlib.sha256(repr([(ex.image, ex.story, ex.style) for ex in examples]).encode()).hexdigest()[:16]
         if args.tags and not args.tags_asked and any(len(ex.images) > 1 for ex in examples):
             run.log("tags: off, as the preset's tags are for stories of single images and these are albums")
-            args = dataclasses.replace(args, tags=0)  # (the settings are frozen: a copy with tags off)
+            args = dataclasses.replace(args, tags=0, tag_stories=None)  # (the settings are frozen: a copy with tags off)
+        if args.tag_stories:
+            told = dataset.read_examples(args.tag_stories, args.images, min_side=args.resize_size)
+            run.log(f"tag stories: {len(told)} from {args.tag_stories}, trained on with the {len(examples)} of {args.stories}")
+            examples += told
+        data_id = hashlib.sha256(repr([(ex.image, ex.story, ex.style) for ex in examples]).encode()).hexdigest()[:16]
         ckpt = checkpoint.load_resume(args, run) if args.resume else None
         if ckpt is not None and ckpt["train"]["data"] != data_id:
             raise UserError(f"{args.stories}: the stories changed since {args.resume} was saved; "

@@ -175,13 +175,29 @@ def test_prepare_writes_stories_about_the_tags_and_train_reads_them(tag_model, b
     assert [name for name, _ in lines] == names
     assert all(story == f"Once there was a {tags.split(', ')[0]} in the park." for (_, story), tags in zip(lines, expected))
     model = tmp_path / "m.pt"
-    train.main(train_args(root, out, model, "--decoder", root / "llama", "--freeze-decoder", "--encoder",
-                          "timm:test_efficientnet", "--encoder-weights", root / "effnet.pth", "--tags", "3", "--epochs", "1"))
+    train.main(train_args(root, stories, model, "--tag-stories", out, "--decoder", root / "llama", "--freeze-decoder",
+                          "--encoder", "timm:test_efficientnet", "--encoder-weights", root / "effnet.pth", "--tags", "3",
+                          "--epochs", "1"))
     import hashlib
     import dataset
-    examples = dataset.read_examples(out, DATA / "images")
+    examples = dataset.read_examples(stories, DATA / "images") + dataset.read_examples(out, DATA / "images")
     trained_on = hashlib.sha256(repr([(ex.image, ex.story, ex.style) for ex in examples]).encode()).hexdigest()[:16]
-    assert torch.load(model, weights_only=True)["train"]["data"] == trained_on and len(examples) == len(names)
+    assert torch.load(model, weights_only=True)["train"]["data"] == trained_on  # both files' stories, in that order
+
+
+def test_the_small_preset_trains_on_the_sample_tag_stories_too():
+    """data/tag_stories.txt: the sample pictures told from their tags, for the small preset on the sample
+    data only (another --stories has pictures of its own), and only where its tags are read."""
+    import dataset
+    assert train.parse_args(["--preset", "small"]).tag_stories == "data/tag_stories.txt"
+    told = {ex.image for ex in dataset.read_examples(DATA / "tag_stories.txt", DATA / "images")}
+    assert len(told) >= 40 and told <= {ex.image for ex in dataset.read_examples(DATA / "stories.txt", DATA / "images")}
+    assert train.parse_args(["--preset", "small", "--stories", "mine.txt"]).tag_stories is None
+    assert train.parse_args(["--preset", "small", "--tags", "0"]).tag_stories is None
+    assert train.parse_args(["--preset", "small", "--tag-stories", "none"]).tag_stories is None
+    assert train.parse_args(["--tag-stories", "t.txt"]).tag_stories == "t.txt"  # gpt2 tags too
+    with pytest.raises(SystemExit):
+        train.parse_args(["--tags", "0", "--tag-stories", "t.txt"])  # stories about tags that are not read
 
 
 def test_prepare_stories_tags_needs_a_model_with_tags(tmp_path, tiny_checkpoint):
