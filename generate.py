@@ -114,8 +114,8 @@ def main(argv=None):
         if stream:
             if pictures:  # format_stories' text, a word at a time
                 print("Generated Story:", flush=True)
-                for piece in teller.stream(pictures[0], args.style, args.length, **decoding(args)):
-                    print(piece, end="", flush=True)
+                teller.stream_to(lambda piece: print(piece, end="", flush=True), pictures[0], args.style, args.length,
+                                 **decoding(args))
                 print("\n")
         else:
             for item, stories, tags in zip(done, *teller.stories_and_tags(pictures, gen_config, args.style, args.length)):

@@ -31,6 +31,9 @@ def test_the_pieces_join_into_the_story_tell_returns(teller, decoding):
     story = teller.tell(BOAT, **decoding)
     assert "".join(pieces) == story and len(story.split()) >= 5
     assert len(pieces) >= len(story.split()) - 1  # a word at a time, not the story at the end
+    written = []  # stream_to: the same pieces, handed over in this thread (generate.py at a terminal)
+    teller.stream_to(written.append, BOAT, **decoding)
+    assert written == pieces
 
 
 def test_a_piece_never_holds_half_a_character(teller):
