@@ -465,7 +465,8 @@ def main(argv=None):
             first, whole, peak, words = (statistics.mean(run[i] for run in runs[method]) for i in range(4))
             figures[f"first_{method}"], figures[f"whole_{method}"] = first, whole
             figures[f"per_word_{method}"] = (whole - first) / max(words - 1, 1)  # decoding as the reader sees it
-            print(f"| 6e. python generate.py IMAGE{flag} at a terminal, seeds 0-{args.runs - 1}: first word / "
+            seeds = f"seeds 0-{args.runs - 1}" if args.runs > 1 else "seed 0"
+            print(f"| 6e. python generate.py IMAGE{flag} at a terminal, {seeds}: first word / "
                   f"whole process / story words (means) | {first:.1f} s / {whole:.1f} s / {words:.0f} | "
                   f"{max(run[2] for run in runs[method]):,.0f} MiB |", flush=True)
         met = lambda ok: "met" if ok else "not met"
