@@ -303,6 +303,9 @@ def main(argv=None):
             run.log("tags: off, as the preset's tags are for stories of single images and these are albums")
             args = dataclasses.replace(args, tags=0, tag_stories=None)  # (the settings are frozen: a copy with tags off)
         if args.tag_stories:
+            if not Path(args.tag_stories).is_file():
+                raise UserError(f"{args.tag_stories}: --tag-stories file not found; write it with prepare.py stories "
+                                f"--tags, or pass --tag-stories none")
             told = dataset.read_examples(args.tag_stories, args.images, min_side=args.resize_size)
             run.log(f"tag stories: {len(told)} from {args.tag_stories}, trained on with the {len(examples)} of {args.stories}")
             examples += told

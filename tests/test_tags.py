@@ -185,6 +185,16 @@ def test_prepare_writes_stories_about_the_tags_and_train_reads_them(tag_model, b
     assert torch.load(model, weights_only=True)["train"]["data"] == trained_on  # both files' stories, in that order
 
 
+def test_a_missing_tag_stories_file_is_one_line_and_nothing_is_written(backbones, tmp_path):
+    from cli import UserError
+    root, stories = backbones
+    with pytest.raises(UserError, match="none.txt: --tag-stories file not found; write it with prepare.py stories --tags"):
+        train.main(train_args(root, stories, tmp_path / "m.pt", "--tag-stories", tmp_path / "none.txt", "--decoder",
+                              root / "llama", "--freeze-decoder", "--encoder", "timm:test_efficientnet",
+                              "--encoder-weights", root / "effnet.pth", "--tags", "3"))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_small_preset_trains_on_the_sample_tag_stories_too(monkeypatch):
     """data/tag_stories.txt: the sample pictures told from their tags, for the small preset on the sample
     data only (another --stories has pictures of its own), and only where its tags are read."""
