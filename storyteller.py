@@ -66,8 +66,8 @@ def add_quantize_arg(p):
     """--quantize, shared by generate.py, app.py and evaluate.py."""
     p.add_argument("--quantize", choices=["none", *QUANTIZE_METHODS], default="none",
                    help="int8: the decoder's weights and activations become int8 when the model loads (SmoothQuant, "
-                        "a scale per token), CPU only: 2.1x float32's tokens/s on the small preset, loss 1.019x, about "
-                        "2 s more to load; docs/quantization.md (default: %(default)s)")
+                        "a scale per token), CPU only: 2.4x float32's tokens/s on the small preset, loss 1.019x, about "
+                        "1.3 s more to load; docs/quantization.md (default: %(default)s)")
 
 
 def check_decoding_args(p, args):

@@ -312,7 +312,8 @@ def main(argv=None):
         data_id = hashlib.sha256(repr([(ex.image, ex.story, ex.style) for ex in examples]).encode()).hexdigest()[:16]
         ckpt = checkpoint.load_resume(args, run) if args.resume else None
         if ckpt is not None and ckpt["train"]["data"] != data_id:
-            raise UserError(f"{args.stories}: the stories changed since {args.resume} was saved; "
+            changed = args.stories + (f" or {args.tag_stories}" if args.tag_stories else "")
+            raise UserError(f"{changed}: the stories changed since {args.resume} was saved; "
                             f"resume with the same data, or train again without --resume")
         if run.main:
             checkpoint.check_writable(args.out)
