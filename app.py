@@ -97,11 +97,13 @@ def parse_args(argv=None):
 class Batcher:
     """Requests that arrive while the model is busy are decoded together, in one generate call.
 
-    Each request's own thread (gradio runs up to --concurrency at once) waits; whichever finds the
-    model free takes the oldest waiting requests with its own settings, up to max_batch, decodes them
-    and hands each its stories. A failure fails only that batch, and every thread returns its own
-    result, so a slow or broken request never holds up the others' answers for long. A request's
-    on_text, if given, is called with its stories' text as it is decoded (decode says how)."""
+    Each request's own thread (gradio runs up to --concurrency at once) waits while its request is
+    decoded with the oldest waiting requests of the same settings, up to max_batch, in one batch.
+    The thread in serve() decodes them all if one is there (app.py's main thread, for as long as the
+    page is up); else whichever waiting thread finds the model free does. A failure fails only that
+    batch, and every thread returns its own result, so a slow or broken request never holds up the
+    others' answers for long. A request's on_text, if given, is called with its stories' text as it
+    is decoded (decode says how), in the decoding thread."""
 
     def __init__(self, decode, max_batch: int):
         self.decode, self.max_batch = decode, max_batch  # decode(settings, [items], [on_text]) -> [[stories], ...]
@@ -109,33 +111,57 @@ class Batcher:
         self.waiting = []  # [settings, item, result, error, done, on_text] of requests not yet decoded; an item
         # is an image or an album (a list of images), which Storyteller.stories decodes in one batch alike
         self.busy = False
+        self.serving = False
 
     def __call__(self, settings: tuple, image, on_text=None):
         mine = [settings, image, None, None, False, on_text]
         with self.ready:
             self.waiting.append(mine)
+            self.ready.notify_all()  # serve() waits for work
         while True:
             with self.ready:
-                while self.busy and not mine[4]:
+                while (self.busy or self.serving) and not mine[4]:
                     self.ready.wait()
                 if mine[4]:
                     break
-                self.busy = True
-                batch = [r for r in self.waiting if r[0] == settings][:self.max_batch]  # the oldest first
-                for r in batch:
-                    self.waiting.remove(r)
-            try:
-                results, error = self.decode(settings, [r[1] for r in batch], [r[5] for r in batch]), None
-            except Exception as err:
-                results, error = [None] * len(batch), err
-            with self.ready:
-                for r, result in zip(batch, results):
-                    r[2:] = [result, error, True]
-                self.busy = False
-                self.ready.notify_all()
+                batch = self._take(settings)
+            self._decode(batch)
         if mine[3] is not None:
             raise mine[3]
         return mine[2]
+
+    def serve(self):
+        """Decodes every request from now on in this thread, the oldest request's batch first, until
+        the process ends. app.py runs it in its main thread, which loaded the model: PyTorch's
+        OpenMP threads slow every other thread's int8 decoding down (an int8 story took 1.6x as long
+        in the page's request threads; docs/quantization.md), so all of it is done in one."""
+        with self.ready:
+            self.serving = True
+        while True:
+            with self.ready:
+                while self.busy or not self.waiting:
+                    self.ready.wait()
+                batch = self._take(self.waiting[0][0])
+            self._decode(batch)
+
+    def _take(self, settings: tuple) -> list:
+        """The oldest waiting requests with these settings, up to max_batch (self.ready held)."""
+        self.busy = True
+        batch = [r for r in self.waiting if r[0] == settings][:self.max_batch]
+        for r in batch:
+            self.waiting.remove(r)
+        return batch
+
+    def _decode(self, batch: list) -> None:
+        try:
+            results, error = self.decode(batch[0][0], [r[1] for r in batch], [r[5] for r in batch]), None
+        except Exception as err:
+            results, error = [None] * len(batch), err
+        with self.ready:
+            for r, result in zip(batch, results):
+                r[2:] = [result, error, True]
+            self.busy = False
+            self.ready.notify_all()
 
 
 class WebStoryteller:
@@ -375,10 +401,14 @@ def main(argv=None):
     try:
         # Gradio 6's default theme uses fonts shipped with gradio, so the page fetches nothing from the internet.
         page.launch(server_name=args.host, server_port=args.port, share=False, allowed_paths=[str(SAMPLES)],
-                    auth=users or None, max_file_size=args.max_file_size)
+                    auth=users or None, max_file_size=args.max_file_size, prevent_thread_lock=True)
     except OSError as err:
         reason = str(err).split(". ")[0]  # gradio's advice after the first sentence names its own parameters
         raise UserError(f"cannot serve on {args.host}:{args.port} ({reason}); choose another --port") from None
+    try:  # the server runs in gradio's threads; this one decodes (Batcher.serve) or waits for Ctrl-C
+        teller.batcher.serve() if teller else page.block_thread()
+    finally:
+        page.close()
 
 
 if __name__ == "__main__":

@@ -417,7 +417,9 @@ class Storyteller:
         """stream's pieces handed to write(piece) as they are decoded, in this thread: for a caller
         with nothing else to do meanwhile (generate.py at a terminal). Faster than stream's thread
         with int8: fbgemm's kernels ran 3x slower outside the main thread (measured, 51 -> 155 us a call
-        for a 576x1536 layer; OpenMP's worker threads, it seems), 2.3 s -> 5.1 s for a story here."""
+        for a 576x1536 layer), 2.3 s -> 5.1 s for a story here. A second thread's parallel work gets
+        OpenMP threads of its own beside the main thread's, more than the cores, which a thread that
+        is alone in using torch does not pay (app.Batcher.serve decodes in app.py's main thread so)."""
         picture, gen_config = self._one_story(image, style, length, seed, decoding)
         if not can_stream(gen_config):
             write(self.stories([picture], gen_config, style, length)[0][0])

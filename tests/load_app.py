@@ -28,10 +28,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(checkpoint, concurrency, device, log):
+def serve(checkpoint, concurrency, device, quantize, log):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "app.py", "--checkpoint", checkpoint, "--port", str(port),
-                             "--device", device, "--concurrency", str(concurrency)],
+                             "--device", device, "--concurrency", str(concurrency), "--quantize", quantize],
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     while True:
@@ -82,12 +82,13 @@ def main():
     p.add_argument("--rounds", type=int, default=6, help="requests each client makes (default: %(default)s)")
     p.add_argument("--length", type=int, default=40, help="most new tokens per story (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="app.py --device (default: %(default)s)")
+    p.add_argument("--quantize", default="none", help="app.py --quantize (default: %(default)s)")
     args = p.parse_args()
     settings = ("", "sample", 0.8, args.length, 1)  # the page's defaults, but the length
     print(f"| app.py --concurrency | clients | requests/s | median s | p95 s |\n|---|---|---|---|---|")
     for concurrency in args.concurrency:
         with tempfile.NamedTemporaryFile("w", prefix="load_app.", suffix=".log", delete=False) as log:
-            proc, url = serve(args.checkpoint, concurrency, args.device, log)
+            proc, url = serve(args.checkpoint, concurrency, args.device, args.quantize, log)
             try:
                 load(url, 1, 1, settings)  # warm-up: the first request pays for lazy imports
                 for clients in args.clients:

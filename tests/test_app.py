@@ -94,6 +94,14 @@ def test_missing_checkpoint_is_said_on_stderr_and_in_the_page(tmp_path, monkeypa
     assert kw["share"] is False and kw["server_name"] == "127.0.0.1" and kw["server_port"] == 7999
 
 
+def test_app_decodes_in_its_main_thread_while_gradio_serves(tiny_checkpoint, monkeypatch):
+    calls = []
+    monkeypatch.setattr(gr.Blocks, "launch", lambda page, **kw: calls.append(("launch", kw["prevent_thread_lock"])))
+    monkeypatch.setattr(app.Batcher, "serve", lambda batcher: calls.append(("serve", threading.current_thread())))
+    app.main(["--checkpoint", str(tiny_checkpoint), "--port", "7999"])
+    assert calls == [("launch", True), ("serve", threading.main_thread())]
+
+
 def test_a_taken_port_is_one_line(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -394,6 +402,42 @@ def test_a_failing_batch_fails_only_its_own_requests():
     for thread in threads:
         thread.join(timeout=10)
     assert outcome == {0: ["fine"], 1: "this batch failed", 2: ["fine"], 3: ["fine"]}
+
+
+def test_with_a_thread_in_serve_every_batch_is_decoded_in_that_one():
+    """app.py's main thread serves: int8 decoding ran 1.6x slower a story in the request threads."""
+    decoded_in, pieces = [], []
+
+    def decode(settings, images, on_texts):
+        decoded_in.append(threading.get_ident())
+        time.sleep(0.2)
+        if settings == ("bad",):
+            raise UserError("this batch failed")
+        for image, on_text in zip(images, on_texts):
+            on_text(0, f"piece of {image}")
+        return [[f"story of {image}"] for image in images]
+
+    batcher = app.Batcher(decode, max_batch=3)
+    server = threading.Thread(target=batcher.serve, daemon=True)
+    server.start()
+    while not batcher.serving:
+        time.sleep(0.01)
+    outcome = {}
+
+    def ask(settings, k):
+        try:
+            outcome[k] = batcher(settings, k, on_text=lambda story, text: pieces.append(text))
+        except UserError as err:
+            outcome[k] = str(err)
+    threads = [threading.Thread(target=ask, args=(("bad",) if k == 2 else ("good",), k)) for k in range(7)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.01)
+    for thread in threads:
+        thread.join(timeout=10)
+    assert outcome == {k: "this batch failed" if k == 2 else [f"story of {k}"] for k in range(7)}
+    assert set(decoded_in) == {server.ident} and len(decoded_in) <= 4  # all there, and in batches
+    assert sorted(pieces) == sorted(f"piece of {k}" for k in range(7) if k != 2)
 
 
 @pytest.mark.parametrize("settings, message", [
