@@ -57,7 +57,9 @@ class Int8Linear(nn.Module):
         scale = weight.abs().amax(1).clamp_min(1e-8) / 127  # (out,)
         qweight = weight.div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
         self.register_buffer("inv_smooth", (1 / smooth).contiguous())
-        self.register_buffer("qweight", qweight)  # (out, in); _int_mm reads its transpose as a view
+        # (in, out), _int_mm's layout: a transposed view of qweight measured as fast on SmolLM2's
+        # layers but 15% slower for 16 GPT-2 stories batched (bench.py section 5b).
+        self.register_buffer("weight_t", qweight.t().contiguous())
         self.register_buffer("scale", scale)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
@@ -74,7 +76,7 @@ class Int8Linear(nn.Module):
             y = torch.ops.quantized.linear_dynamic(x, self._packed, True)
         else:
             x_scale = x.abs().amax(1, keepdim=True).clamp_min(1e-8) / 127  # (rows, 1)
-            y = torch._int_mm((x / x_scale).round().to(torch.int8), self.qweight.t()) * (x_scale * self.scale)
+            y = torch._int_mm((x / x_scale).round().to(torch.int8), self.weight_t) * (x_scale * self.scale)
             if self.bias is not None:
                 y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
