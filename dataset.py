@@ -203,6 +203,16 @@ def image_transform(config):
     ])
 
 
+def whole_picture(image: Image.Image, config) -> Image.Image:
+    """The image centred on a white square just large enough that image_transform's centre crop
+    keeps all of it: the whole picture, where the crop cuts off a wide one's sides and the edges of
+    a cut-out. The classifier's tags read both (storyteller.picture_tags)."""
+    side = -(-max(image.size) * config.resize_size // config.image_size)  # the crop keeps image/resize of it
+    square = Image.new("RGB", (side, side), (255, 255, 255))  # white: what transparency is composited on
+    square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+    return square
+
+
 def describe_image_error(path, err: Exception) -> str:
     """One line saying why an image could not be used, and what to do."""
     if isinstance(err, Image.DecompressionBombError):

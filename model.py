@@ -251,11 +251,13 @@ class StoryModel(nn.Module):
             return features
 
     @torch.no_grad()
-    def tag_classes(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def tag_classes(self, features: torch.Tensor, whole: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, feature_dim) -> the classifier's probabilities (B, tags) of its likeliest ImageNet classes
-        and their class ids (B, tags), best first."""
-        logits = self.tagger(features.to(self.tagger.weight.dtype)).float()
-        return logits.softmax(-1).topk(self.config.tags, dim=-1)
+        and their class ids (B, tags), best first. whole: features of another view of the same
+        pictures (B, feature_dim), whose probabilities are averaged in."""
+        views = [features] if whole is None else [features, whole]
+        probs = torch.stack([self.tagger(v.to(self.tagger.weight.dtype)).float().softmax(-1) for v in views]).mean(0)
+        return probs.topk(self.config.tags, dim=-1)
 
     def prefix(self, features, style_ids=None, length_ids=None, album_mask=None, prompt_ids=None, prompt_mask=None):
         """Embeddings that start the story and their attention mask: (B, positions, n_embd), (B, positions).

@@ -231,7 +231,7 @@ def tag_captions(checkpoint, stories_path, images_dir, device):
     """A caption for each picture a stories file names (albums aside), in the order of their first
     lines: the tags a model's classifier reads in it, "tabby cat, tiger cat", as the model reads them."""
     from dataset import Example, read_examples
-    from storyteller import Storyteller, picture_tags
+    from storyteller import Storyteller, encode_whole, picture_tags
     if not images_dir:
         raise UserError("--tags: pass --images, the folder the names in --captions are relative to")
     teller = Storyteller(checkpoint, device)
@@ -242,9 +242,9 @@ def tag_captions(checkpoint, stories_path, images_dir, device):
     captions = []
     for start in range(0, len(names), 16):
         batch = names[start:start + 16]
-        features = teller.encode([teller.load_image(Path(images_dir) / name) for name in batch])
-        captions += [Example(name, ", ".join(tag for tag, _ in tags), 0)
-                     for name, tags in zip(batch, picture_tags(teller.model, features))]
+        images = [teller.load_image(Path(images_dir) / name) for name in batch]
+        tags = picture_tags(teller.model, teller.encode(images), encode_whole(teller.model, images))
+        captions += [Example(name, ", ".join(tag for tag, _ in read), 0) for name, read in zip(batch, tags)]
     return captions
 
 

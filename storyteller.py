@@ -194,10 +194,19 @@ def tag_name(index: int) -> str:
     return names[0] if kind is None or kind in names[0].lower() else f"{names[0]} ({kind})"
 
 
-def picture_tags(model, features) -> list[list[tuple[str, float]]]:
+def encode_whole(model, images) -> torch.Tensor:
+    """Features (B, feature_dim) of the whole of each RGB PIL image (dataset.whole_picture), uncropped."""
+    return encode_images(model, [dataset.whole_picture(image, model.config) for image in images])
+
+
+def picture_tags(model, features, whole=None) -> list[list[tuple[str, float]]]:
     """What the decoder reads each picture shows: (name, probability) of the classifier's likeliest
-    classes, best first; a class after the first only if its probability is at least tag_min_prob."""
-    probs, ids = model.tag_classes(features)
+    classes, best first; a class after the first only if its probability is at least tag_min_prob.
+    whole: encode_whole's features of the same pictures, if given, whose probabilities are averaged
+    with the crop's. Measured on 386 cut-out photos and drawings never trained on (docs/backbones.md):
+    the top 3 named the thing for 45.1% from the crop alone, 51.6% with the whole picture too; on
+    the sample photos the tags stayed the same or swapped places."""
+    probs, ids = model.tag_classes(features, whole)
     return [[(tag_name(i), p) for k, (p, i) in enumerate(zip(row_p, row_i)) if k == 0 or p >= model.config.tag_min_prob]
             for row_p, row_i in zip(probs.tolist(), ids.tolist())]
 
@@ -360,7 +369,10 @@ class Storyteller:
         for album in albums:
             self.check_album(len(album))
         features, album_mask = encode_albums(self.model, albums)
-        tags = picture_tags(self.model, features) if self.model.config.tags else None
+        tags = None
+        if self.model.config.tags:
+            whole = encode_whole(self.model, [album[0] for album in albums]) if album_mask is None else None
+            tags = picture_tags(self.model, features, whole)
         stories = self.from_features(features, gen_config, style, length, album_mask, tags, **generate_kwargs)
         return stories, tags or [None] * len(stories)
 

@@ -1,12 +1,15 @@
 """Tags at generation time: the words the decoder reads (tag_name, tag_min_prob), MentionTags pushing
 a story to say one of them, generate.py --json and the web page showing them, evaluate.py's tag-use
 rate, and ResNet-50's own ImageNet classifier as a tagger. Tiny random models, offline."""
+import dataclasses
 import json
 
 import pytest
 import torch
 import torchvision
+from PIL import Image
 
+import dataset
 import metrics
 import storyteller
 import train
@@ -78,7 +81,10 @@ def test_the_tag_bias_makes_the_story_say_a_tag_word(tag_model):
 
 def test_json_carries_the_tags_the_decoder_read(tag_model, tmp_path):
     teller = Storyteller(tag_model, "cpu")
-    [tags] = picture_tags(teller.model, teller.encode([teller.load_image(PHOTO)]))
+    image = teller.load_image(PHOTO)
+    [tags] = picture_tags(teller.model, teller.encode([image]), storyteller.encode_whole(teller.model, [image]))
+    [crop_only] = picture_tags(teller.model, teller.encode([image]))
+    assert tags != crop_only  # the whole picture's view is read too
     result = run_main("generate.py", PHOTO, "--checkpoint", tag_model, "--strategy", "greedy", "--max-new-tokens", "5", "--json")
     [line] = result.stdout.splitlines()
     told = json.loads(line)
@@ -86,6 +92,27 @@ def test_json_carries_the_tags_the_decoder_read(tag_model, tmp_path):
     probs = [t["p"] for t in told["tags"]]
     assert probs == sorted(probs, reverse=True) and all(0 < p <= 1 for p in probs)
     assert probs == [round(p, 4) for _, p in tags]
+
+
+def test_the_tags_read_the_whole_picture_as_well_as_the_crop(tag_model):
+    teller = Storyteller(tag_model, "cpu")
+    model = teller.model
+    wide = Image.new("RGB", (600, 100), (0, 0, 255))
+    wide.paste((255, 0, 0), (0, 0, 20, 100))  # a red band at the left edge, which the centre crop cuts off
+    for config in [model.config, dataclasses.replace(model.config, image_size=224, resize_size=256)]:  # the small preset's
+        def red(image):  # red pixels left after the encoder's preprocessing (normalised: red high, blue low)
+            x = dataset.image_transform(config)(image)
+            return int(((x[0] > x[2] + 1)).sum())
+        whole = dataset.whole_picture(wide, config)
+        assert red(wide) == 0 and red(whole) > 0 and whole.size[0] == whole.size[1]
+        assert dataset.image_transform(config)(whole).shape == dataset.image_transform(config)(wide).shape
+    config = model.config
+    # The classifier's probabilities of the two views are averaged: the same numbers computed by hand.
+    crop, full = teller.encode([wide]), storyteller.encode_whole(model, [wide])
+    probs, ids = model.tag_classes(crop, full)
+    by_hand = (model.tagger(crop).softmax(-1) + model.tagger(full).softmax(-1)) / 2
+    assert torch.allclose(probs, by_hand.topk(config.tags).values) and torch.equal(ids, by_hand.topk(config.tags).indices)
+    assert not torch.allclose(model.tag_classes(crop)[0], probs)
 
 
 def test_a_class_after_the_first_is_named_only_when_sure_enough(tag_model, tmp_path):
@@ -168,8 +195,9 @@ def test_prepare_writes_stories_about_the_tags_and_train_reads_them(tag_model, b
                   "--writer", str(writer), "--out", str(out), "--device", "cpu"])
     teller = Storyteller(tag_model, "cpu")
     names = list(dict.fromkeys(line.split("\t")[0] for line in stories.read_text().splitlines() if "\t" in line))
-    expected = [", ".join(n for n, _ in picture_tags(teller.model, teller.encode([teller.load_image(DATA / "images" / name)]))[0])
-                for name in names]
+    images = [teller.load_image(DATA / "images" / name) for name in names]
+    read = picture_tags(teller.model, teller.encode(images), storyteller.encode_whole(teller.model, images))
+    expected = [", ".join(n for n, _ in tags) for tags in read]  # as generate.py reads them
     assert asked == expected  # one caption per picture: its tags, in the order the stories file names them
     lines = [line.split("\t") for line in out.read_text().splitlines() if not line.startswith("#")]
     assert [name for name, _ in lines] == names
