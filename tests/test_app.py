@@ -406,10 +406,11 @@ def test_a_failing_batch_fails_only_its_own_requests():
 
 def test_with_a_thread_in_serve_every_batch_is_decoded_in_that_one():
     """app.py's main thread serves: int8 decoding ran 1.6x slower a story in the request threads."""
-    decoded_in, pieces = [], []
+    decoded_in, sizes, pieces = [], [], []
 
     def decode(settings, images, on_texts):
         decoded_in.append(threading.get_ident())
+        sizes.append(len(images))
         time.sleep(0.2)
         if settings == ("bad",):
             raise UserError("this batch failed")
@@ -436,7 +437,7 @@ def test_with_a_thread_in_serve_every_batch_is_decoded_in_that_one():
     for thread in threads:
         thread.join(timeout=10)
     assert outcome == {k: "this batch failed" if k == 2 else [f"story of {k}"] for k in range(7)}
-    assert set(decoded_in) == {server.ident} and len(decoded_in) <= 4  # all there, and in batches
+    assert set(decoded_in) == {server.ident} and max(sizes) >= 2  # all there, and in batches
     assert sorted(pieces) == sorted(f"piece of {k}" for k in range(7) if k != 2)
 
 
