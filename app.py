@@ -133,8 +133,8 @@ class Batcher:
     def serve(self):
         """Decodes every request from now on in this thread, the oldest request's batch first, until
         the process ends. app.py runs it in its main thread, which loaded the model: PyTorch's
-        OpenMP threads slow every other thread's int8 decoding down (an int8 story took 1.6x as long
-        in the page's request threads; docs/quantization.md), so all of it is done in one."""
+        OpenMP threads slow every other thread's int8 decoding down (an int8 story took 1.8x as long
+        in the page's request threads; docs/webapp.md), so all of it is done in one."""
         with self.ready:
             self.serving = True
         while True:

@@ -207,6 +207,9 @@ def whole_picture(image: Image.Image, config) -> Image.Image:
     """The image centred on a white square just large enough that image_transform's centre crop
     keeps all of it: the whole picture, where the crop cuts off a wide one's sides and the edges of
     a cut-out. The classifier's tags read both (storyteller.picture_tags)."""
+    if max(image.size) > 2 * config.resize_size:  # a panorama's square would be huge; the encoder sees
+        image = image.copy()  # image_size pixels across it in the end, so twice resize_size loses nothing
+        image.thumbnail((2 * config.resize_size, 2 * config.resize_size), Image.Resampling.BICUBIC)
     side = -(-max(image.size) * config.resize_size // config.image_size)  # the crop keeps image/resize of it
     square = Image.new("RGB", (side, side), (255, 255, 255))  # white: what transparency is composited on
     square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))

@@ -97,15 +97,17 @@ def test_json_carries_the_tags_the_decoder_read(tag_model, tmp_path):
 def test_the_tags_read_the_whole_picture_as_well_as_the_crop(tag_model):
     teller = Storyteller(tag_model, "cpu")
     model = teller.model
+    for width in [600, 20_000]:  # a panorama's square is made of a smaller copy, not 20,000 pixels wide
+        wide = Image.new("RGB", (width, 100), (0, 0, 255))
+        wide.paste((255, 0, 0), (0, 0, width // 30, 100))  # a red band at the left edge, which the centre crop cuts off
+        for config in [model.config, dataclasses.replace(model.config, image_size=224, resize_size=256)]:  # the small preset's
+            def red(image):  # red pixels left after the encoder's preprocessing (normalised: red high, blue low)
+                x = dataset.image_transform(config)(image)
+                return int(((x[0] > x[2] + 1)).sum())
+            whole = dataset.whole_picture(wide, config)
+            assert red(wide) == 0 and red(whole) > 0 and whole.size[0] == whole.size[1] <= 3 * config.resize_size
+            assert dataset.image_transform(config)(whole).shape == dataset.image_transform(config)(wide).shape
     wide = Image.new("RGB", (600, 100), (0, 0, 255))
-    wide.paste((255, 0, 0), (0, 0, 20, 100))  # a red band at the left edge, which the centre crop cuts off
-    for config in [model.config, dataclasses.replace(model.config, image_size=224, resize_size=256)]:  # the small preset's
-        def red(image):  # red pixels left after the encoder's preprocessing (normalised: red high, blue low)
-            x = dataset.image_transform(config)(image)
-            return int(((x[0] > x[2] + 1)).sum())
-        whole = dataset.whole_picture(wide, config)
-        assert red(wide) == 0 and red(whole) > 0 and whole.size[0] == whole.size[1]
-        assert dataset.image_transform(config)(whole).shape == dataset.image_transform(config)(wide).shape
     config = model.config
     # The classifier's probabilities of the two views are averaged: the same numbers computed by hand.
     crop, full = teller.encode([wide]), storyteller.encode_whole(model, [wide])
