@@ -29,7 +29,7 @@ from figures import draw_curves, draw_sheet, read_metrics_log
 from files import atomic_write
 from dataset import ALBUM
 from storyteller import (Storyteller, add_decoding_args, add_quantize_arg, check_decoding_args, decoding, encode_albums,
-                         encode_whole, picture_tags, tag_prompts, tags_json)
+                         read_tags, tag_prompts, tags_json)
 from training import metrics_path
 
 CLIP_DEFAULT = "openai/clip-vit-base-patch32"
@@ -107,9 +107,7 @@ def main(argv=None):
         chunk = names[start:start + args.batch_size]
         pictures = [[load(args.images, n, model.config.resize_size) for n in name.split(ALBUM)] for name in chunk]
         batch, album_mask = encode_albums(model, pictures)  # (B, D) and None, or (B, S, D) and (B, S)
-        read = None  # what the decoder reads each one shows, as generate.py reads it
-        if model.config.tags:
-            read = picture_tags(model, batch, encode_whole(model, [p[0] for p in pictures]) if album_mask is None else None)
+        read = read_tags(model, pictures, batch, album_mask)  # what the decoder reads each one shows
         tags.update(zip(chunk, read or []))
         generated.update(zip(chunk, teller.from_features(batch, gen_config, args.style, args.length, album_mask, read)))
         batch = batch.float().cpu()

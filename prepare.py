@@ -231,7 +231,7 @@ def tag_captions(checkpoint, stories_path, images_dir, device):
     """A caption for each picture a stories file names (albums aside), in the order of their first
     lines: the tags a model's classifier reads in it, "tabby cat, tiger cat", as the model reads them."""
     from dataset import Example, read_examples
-    from storyteller import Storyteller, encode_whole, picture_tags
+    from storyteller import Storyteller, read_tags
     if not images_dir:
         raise UserError("--tags: pass --images, the folder the names in --captions are relative to")
     teller = Storyteller(checkpoint, device)
@@ -243,7 +243,7 @@ def tag_captions(checkpoint, stories_path, images_dir, device):
     for start in range(0, len(names), 16):
         batch = names[start:start + 16]
         images = [teller.load_image(Path(images_dir) / name) for name in batch]
-        tags = picture_tags(teller.model, teller.encode(images), encode_whole(teller.model, images))
+        tags = read_tags(teller.model, [[image] for image in images], teller.encode(images))
         captions += [Example(name, ", ".join(tag for tag, _ in read), 0) for name, read in zip(batch, tags)]
     return captions
 

@@ -211,6 +211,15 @@ def picture_tags(model, features, whole=None) -> list[list[tuple[str, float]]]:
             for row_p, row_i in zip(probs.tolist(), ids.tolist())]
 
 
+def read_tags(model, albums, features, album_mask=None) -> list | None:
+    """picture_tags of each item of albums (lists of RGB PIL images) from its encode_albums features,
+    with the whole picture's view too, as generation reads them; None for a model without tags."""
+    if not model.config.tags:
+        return None
+    whole = encode_whole(model, [album[0] for album in albums]) if album_mask is None else None
+    return picture_tags(model, features, whole)
+
+
 def tag_prompts(model, tokenizer, features, tags=None) -> list[list[int]]:
     """The tag words of each picture, as token ids: its picture_tags (or tags, if given) in the model's
     tag_template, fewer of them if they would take more than tag_tokens."""
@@ -369,10 +378,7 @@ class Storyteller:
         for album in albums:
             self.check_album(len(album))
         features, album_mask = encode_albums(self.model, albums)
-        tags = None
-        if self.model.config.tags:
-            whole = encode_whole(self.model, [album[0] for album in albums]) if album_mask is None else None
-            tags = picture_tags(self.model, features, whole)
+        tags = read_tags(self.model, albums, features, album_mask)
         stories = self.from_features(features, gen_config, style, length, album_mask, tags, **generate_kwargs)
         return stories, tags or [None] * len(stories)
 
@@ -417,13 +423,9 @@ class Storyteller:
         an error there is raised here, and a reader that stops early stops it at its next token.
         transformers' beam search cannot stream: with strategy="beam" the story comes whole, in one piece."""
         picture, gen_config = self._one_story(image, style, length, seed, decoding)
-        if not can_stream(gen_config):
-            yield self.stories([picture], gen_config, style, length)[0][0]
-            return
         stop = StopFlag()
-        yield from in_background(lambda put: self.stories(
-            [picture], gen_config, style, length, streamer=StoryStreamer(self.tokenizer, lambda row, text: put(text)),
-            stopping_criteria=StoppingCriteriaList([stop])), stop)
+        yield from in_background(lambda put: self._write_story(put, picture, gen_config, style, length,
+                                                               stopping_criteria=StoppingCriteriaList([stop])), stop)
 
     def stream_to(self, write, image, style=None, length=None, seed=None, **decoding) -> None:
         """stream's pieces handed to write(piece) as they are decoded, in this thread: for a caller
@@ -432,11 +434,15 @@ class Storyteller:
         for a 576x1536 layer), 2.3 s -> 5.1 s for a story here. A second thread's parallel work gets
         OpenMP threads of its own beside the main thread's, more than the cores, which a thread that
         is alone in using torch does not pay (app.Batcher.serve decodes in app.py's main thread so)."""
-        picture, gen_config = self._one_story(image, style, length, seed, decoding)
+        self._write_story(write, *self._one_story(image, style, length, seed, decoding), style, length)
+
+    def _write_story(self, write, picture, gen_config, style, length, **generate_kwargs) -> None:
+        """One story of picture handed to write a piece at a time, or whole where it cannot stream (beam)."""
         if not can_stream(gen_config):
-            write(self.stories([picture], gen_config, style, length)[0][0])
+            write(self.stories([picture], gen_config, style, length, **generate_kwargs)[0][0])
             return
-        self.stories([picture], gen_config, style, length, streamer=StoryStreamer(self.tokenizer, lambda row, text: write(text)))
+        self.stories([picture], gen_config, style, length, **generate_kwargs,
+                     streamer=StoryStreamer(self.tokenizer, lambda row, text: write(text)))
 
     def _one_story(self, image, style, length, seed, decoding):
         gen_config = self.settings(**decoding)
