@@ -137,11 +137,21 @@ def tag_words(tag: str) -> list[str]:
     return [w for w in [*words(name.replace("-", " "))[-1:], *words(kind)] if len(w) >= 3]
 
 
+def plurals(word: str) -> set[str]:
+    """The word and the ways English makes its plural: cats, boxes, strawberries, wolves, knives."""
+    forms = {word, word + "s", word + "es"}
+    if word.endswith("y") and word[-2:-1] not in set("aeiou"):
+        forms.add(word[:-1] + "ies")
+    if word.endswith(("f", "fe")):
+        forms.add(word.rstrip("e")[:-1] + "ves")
+    return forms
+
+
 def names_a_tag(story: str, tags: list[str]) -> bool:
     """Does the story say one of its picture's tags' words (tag_words), or its plural? "A tabby cat ..."
     and "two cats" both name the tag "tabby cat"."""
     said = set(words(story))
-    return any(w in said or w + "s" in said or w + "es" in said for tag in tags for w in tag_words(tag))
+    return any(plurals(w) & said for tag in tags for w in tag_words(tag))
 
 
 def tag_use(stories: list[str], tags: list[list[str]]) -> float:

@@ -78,8 +78,10 @@ def build(out: Path, sample: int | None = None) -> None:
 COMPOUND = {"bird", "fish", "bus", "cake", "berry", "flower", "boat"}  # "blackbird" names a bird
 
 def names_it(text, words):
-    """The word itself or its plural as a word; a compound ending in it for a few kind words."""
-    return any(re.search(rf"{'' if w in COMPOUND else chr(92) + 'b'}{re.escape(w)}(s|es)?\b", text.lower()) for w in words)
+    """The word itself or a plural of it (metrics.plurals) as a word; a compound ending in it for a few kind words."""
+    import metrics
+    return any(re.search(rf"{'' if w in COMPOUND else chr(92) + 'b'}({'|'.join(map(re.escape, metrics.plurals(w)))})\b",
+                         text.lower()) for w in words)
 
 
 

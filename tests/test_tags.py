@@ -145,6 +145,8 @@ def test_tag_use_counts_the_stories_that_name_a_tag():
     assert metrics.names_a_tag("Two cats slept.", ["tabby cat", "teapot"])  # a plural of a tag's word
     assert metrics.names_a_tag("A bird flew by.", ["red-breasted merganser (bird)"])  # its kind
     assert metrics.names_a_tag("The Boxes fell.", ["box"])  # -es, any case
+    assert metrics.names_a_tag("She picked strawberries.", ["strawberry (fruit)"])  # -y -> -ies
+    assert metrics.names_a_tag("Wolves howled.", ["timber wolf"]) and metrics.names_a_tag("Two knives.", ["knife"])
     assert not metrics.names_a_tag("A red hat.", ["red-breasted merganser (bird)"])  # an adjective names nothing
     assert not metrics.names_a_tag("A dog ran to the category.", ["tabby cat"])  # not a part of a word
     assert not metrics.names_a_tag("An ox.", ["ox"])  # words under 3 letters say too little
