@@ -43,6 +43,17 @@ def test_a_tag_is_written_with_its_kind():
     assert metrics.tag_words("tabby cat") == ["cat"] and metrics.tag_words("ox") == []
 
 
+def test_the_request_asks_about_each_kind_once_before_its_classes(tag_model):
+    assert storyteller.tag_text(["drake (bird)", "mortar", "goose (bird)", "ibex (goat)", "gong (instrument)"]) == \
+        "a bird (drake, goose), mortar, a goat (ibex), an instrument (gong)"
+    assert storyteller.tag_text(["tabby cat", "Egyptian cat"]) == "tabby cat, Egyptian cat"  # the kind is in the name
+    teller = Storyteller(tag_model, "cpu")
+    features = teller.encode([teller.load_image(PHOTO)])
+    tags = [("fig (fruit)", 0.5), ("pot", 0.3), ("lemon (fruit)", 0.2)]
+    [prompt] = tag_prompts(teller.model, teller.tokenizer, features, [tags])
+    assert teller.tokenizer.decode(prompt) == "Pictured: a fruit (fig, lemon), pot.\n"
+
+
 def test_mention_tags_pushes_each_picture_to_its_own_words_until_one_is_said(tag_model):
     teller = Storyteller(tag_model, "cpu")
     tok = teller.tokenizer
@@ -201,7 +212,7 @@ def test_prepare_writes_stories_about_the_tags_and_train_reads_them(tag_model, b
     names = list(dict.fromkeys(line.split("\t")[0] for line in stories.read_text().splitlines() if "\t" in line))
     images = [teller.load_image(DATA / "images" / name) for name in names]
     read = picture_tags(teller.model, teller.encode(images), storyteller.encode_whole(teller.model, images))
-    expected = [", ".join(n for n, _ in tags) for tags in read]  # as generate.py reads them
+    expected = [storyteller.tag_text([n for n, _ in tags]) for tags in read]  # as generate.py asks about them
     assert asked == expected  # one caption per picture: its tags, in the order the stories file names them
     lines = [line.split("\t") for line in out.read_text().splitlines() if not line.startswith("#")]
     assert [name for name, _ in lines] == names
