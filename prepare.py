@@ -111,6 +111,10 @@ def parse_args(argv=None):
                                     f"backbones.TAG_REQUEST)")
     s.add_argument("--batch-size", type=int, default=8, help="captions per generate() call (default: %(default)s)")
     s.add_argument("--max-new-tokens", type=int, default=80, help="longest story, in tokens (default: %(default)s)")
+    s.add_argument("--max-words", type=int, help="keep each story's first whole sentences within this many words (at "
+                                                 "least its first sentence), then check that it names its caption: "
+                                                 "training stories as short as the stories the model should write "
+                                                 "(default: the whole story)")
     s.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 always takes the likeliest "
                                                                   "token (default: %(default)s)")
     s.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: %(default)s)")
@@ -177,8 +181,8 @@ def write_stories(args):
     args.prompt = args.prompt or (TAG_REQUEST.replace("{tags}", "{caption}") if args.tags else PROMPT)
     if "{caption}" not in args.prompt:
         raise UserError(f"--prompt {args.prompt!r}: has no {{caption}} to put the caption in")
-    if args.batch_size < 1 or args.max_new_tokens < 1 or args.temperature < 0:
-        raise UserError("--batch-size and --max-new-tokens take a number >= 1, --temperature one >= 0")
+    if args.batch_size < 1 or args.max_new_tokens < 1 or args.temperature < 0 or (args.max_words is not None and args.max_words < 1):
+        raise UserError("--batch-size, --max-new-tokens and --max-words take a number >= 1, --temperature one >= 0")
     if Path(args.out).resolve() == Path(args.captions).resolve():
         raise UserError(f"--out {args.out}: is the captions file; write the stories to another file")
     if args.tags:
@@ -212,6 +216,8 @@ def write_stories(args):
         for i in range(0, len(todo), args.batch_size):
             batch = todo[i:i + args.batch_size]
             stories = generate_stories(model, tokenizer, [ex.story for ex in batch], args)
+            if args.max_words:
+                stories = [first_sentences(story, args.max_words) for story in stories]
             lines = []
             for ex, story in zip(batch, stories):
                 keep = mentions(story, ex.story)
@@ -229,9 +235,9 @@ def write_stories(args):
 
 def tag_captions(checkpoint, stories_path, images_dir, device):
     """A caption for each picture a stories file names (albums aside), in the order of their first
-    lines: the tags a model's classifier reads in it, "tabby cat, tiger cat", as the model reads them."""
+    lines: the tags a model's classifier reads in it, "a cat (tabby cat, tiger cat)", as the model reads them."""
     from dataset import Example, read_examples
-    from storyteller import Storyteller, read_tags
+    from storyteller import Storyteller, read_tags, tag_text
     if not images_dir:
         raise UserError("--tags: pass --images, the folder the names in --captions are relative to")
     teller = Storyteller(checkpoint, device)
@@ -244,7 +250,7 @@ def tag_captions(checkpoint, stories_path, images_dir, device):
         batch = names[start:start + 16]
         images = [teller.load_image(Path(images_dir) / name) for name in batch]
         tags = read_tags(teller.model, [[image] for image in images], teller.encode(images))
-        captions += [Example(name, ", ".join(tag for tag, _ in read), 0) for name, read in zip(batch, tags)]
+        captions += [Example(name, tag_text([tag for tag, _ in read]), 0) for name, read in zip(batch, tags)]
     return captions
 
 
@@ -264,6 +270,16 @@ def whole_sentences(text):
     """text up to its last full stop: a story cut off by --max-new-tokens ends mid-sentence."""
     end = max(text.rfind(c) for c in ".!?")
     return text[:end + 1 + (text[end + 1:end + 2] in ('"', "'"))] if end >= 0 else text
+
+
+def first_sentences(text, max_words):
+    """text's first whole sentences within max_words words, or its first sentence if that alone is longer."""
+    kept = []
+    for sentence in re.split(r"(?<=[.!?])\s+|(?<=[.!?][\"'])\s+", text):
+        if kept and len(" ".join(kept + [sentence]).split()) > max_words:
+            break
+        kept.append(sentence)
+    return " ".join(kept)
 
 
 def content_words(text):

@@ -102,3 +102,20 @@ def test_bad_prompt_and_other_captions_stop_with_one_line(writer, captions, tmp_
     with pytest.raises(UserError, match=r"o.txt: its 1 stories are not those of the first 1 captions in .*captions.txt; "
                                         r"choose another --out"):
         prepare.main(["stories", "--captions", str(captions), "--writer", str(writer), "--out", str(tmp_path / "o.txt")])
+
+
+def test_max_words_keeps_the_first_whole_sentences_and_checks_what_is_left(writer, captions, tmp_path, monkeypatch):
+    told = {CAPTIONS[0]: "The dog ran. It chased the waves all day long. Then it slept.",  # the dog is in the first
+            CAPTIONS[1]: "It was late and the house was quiet. Two cats slept on the sofa.",  # the cats only in the second
+            CAPTIONS[2]: "A man who loved the rain rode his old bicycle through every puddle in town.",  # one long sentence
+            CAPTIONS[3]: "Soup! \"Hot soup,\" said Mum. They ate.", CAPTIONS[4]: "Boats."}
+    monkeypatch.setattr(prepare, "generate_stories", lambda model, tok, batch, args: [told[c] for c in batch])
+    lines = stories(writer, captions, tmp_path / "s.txt", "--max-words", "8")
+    assert [line.split("\t") for line in lines] == [
+        ["img0.jpg", "The dog ran."],  # a second sentence would make 11 words
+        ["# dropped", "img1.jpg", "It was late and the house was quiet."],  # names nothing of its caption once cut
+        ["img2.jpg", told[CAPTIONS[2]]],  # a first sentence is kept whole, however long
+        ["img3.jpg", "Soup! \"Hot soup,\" said Mum. They ate."],  # 6 words: all of it
+        ["img4.jpg", "Boats."]]
+    with pytest.raises(UserError, match="--max-words take a number >= 1"):
+        stories(writer, captions, tmp_path / "t.txt", "--max-words", "0")
