@@ -167,6 +167,11 @@ KINDS = [((0, 6), "fish"), ((7, 24), "bird"), ((25, 29), "amphibian"), ((30, 32)
 GLOSS_KINDS = set("""car truck van bus vehicle boat ship aircraft airplane train locomotive bicycle motorcycle
 instrument hat helmet cap garment dress coat shoe boot tool building house church tower bridge shed tent toy
 weapon gun ball chair table bed lamp clock bag box bottle dish bowl cup pot pan knife""".split())
+# The classes whose definition heads with a word that is not what a child would call them: "balloon: large
+# tough nonrigid bag ...", "corkscrew: a bottle opener ...", "syringe: a medical instrument ..." (the request
+# asks about the kind first, so a wrong kind would lead the story astray). Read off all 1000 classes' kinds.
+NOT_KINDS = {"balloon", "corkscrew", "nipple", "punching bag", "barometer", "binoculars", "guillotine", "projector",
+             "scale", "stethoscope", "syringe"}
 
 
 def gloss_kind(index: int) -> str | None:
@@ -175,6 +180,8 @@ def gloss_kind(index: int) -> str | None:
     definition = imagenet_info().index_to_description(index, detailed=True).partition(": ")[2].lower()
     definition = re.sub(r"^(any|one) of (various|several|the|a)?\s*", "", definition)  # "any of various large trucks"
     head = re.split(r"[;,(]| (?:to|that|with|for|used|which|in|on|from|by|of|having|consisting) ", definition)[0]
+    if imagenet_info().index_to_description(index).split(",")[0] in NOT_KINDS:
+        return None
     for word in head.split():
         for kind in (word, word[:-1] if word.endswith("s") else None):  # "trucks" is a truck
             if kind in GLOSS_KINDS:
@@ -222,18 +229,21 @@ def read_tags(model, albums, features, album_mask=None) -> list | None:
 
 def tag_text(names: list[str]) -> str:
     """Tags as the request says them: each kind once, as the thing asked about, its classes after it.
-    ["drake (bird)", "goose (bird)", "mortar", "lemon (fruit)"] -> "a bird (drake, goose), mortar, a fruit (lemon)".
+    ["drake (bird)", "mortar", "goose (bird)"] -> "a bird (drake, goose), mortar"; the order is the tags' own.
     A kind is right more often than a class (a classifier that takes a duck for a drake still sees a
     bird), and stories asked about "a bird (drake, ...)" say "bird" more often than those asked about
     "drake (bird), ...": measured on unseen pictures in docs/backbones.md."""
-    kinds = {}  # kind (None: a class with no kind of its own) -> its classes, in the order the tags come
+    groups = []  # [kind, its classes], or [None, [a class without a kind]], in the order they first come
     for name in names:
         name, _, kind = name.partition(" (")
-        kinds.setdefault(kind.rstrip(")") or None, []).append(name)
-    parts = []
-    for kind, classes in kinds.items():
-        parts += classes if kind is None else [f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} ({', '.join(classes)})"]
-    return ", ".join(parts)
+        kind = kind.rstrip(")") or None
+        same = next((group for group in groups if kind and group[0] == kind), None)
+        if same:
+            same[1].append(name)
+        else:
+            groups.append([kind, [name]])
+    return ", ".join(classes[0] if kind is None else f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} ({', '.join(classes)})"
+                     for kind, classes in groups)
 
 
 def tag_prompts(model, tokenizer, features, tags=None) -> list[list[int]]:

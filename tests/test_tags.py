@@ -39,6 +39,7 @@ def test_a_tag_is_written_with_its_kind():
     # "a hand tool with ...", "any of various large trucks that ..."
     assert tag_name(904) == "window screen"  # "screen to keep insects from entering a building" is no building
     assert tag_name(968) == "cup"  # the name is its kind
+    assert tag_name(417) == "balloon" and tag_name(845) == "syringe"  # "large tough nonrigid bag", "a medical instrument"
     assert metrics.tag_words("red-breasted merganser (bird)") == ["merganser", "bird"]
     assert metrics.tag_words("tabby cat") == ["cat"] and metrics.tag_words("ox") == []
 
@@ -47,6 +48,8 @@ def test_the_request_asks_about_each_kind_once_before_its_classes(tag_model):
     assert storyteller.tag_text(["drake (bird)", "mortar", "goose (bird)", "ibex (goat)", "gong (instrument)"]) == \
         "a bird (drake, goose), mortar, a goat (ibex), an instrument (gong)"
     assert storyteller.tag_text(["tabby cat", "Egyptian cat"]) == "tabby cat, Egyptian cat"  # the kind is in the name
+    assert storyteller.tag_text(["academic gown", "mortarboard (cap)", "military uniform"]) == \
+        "academic gown, a cap (mortarboard), military uniform"  # the classifier's order, where no kind is shared
     teller = Storyteller(tag_model, "cpu")
     features = teller.encode([teller.load_image(PHOTO)])
     tags = [("fig (fruit)", 0.5), ("pot", 0.3), ("lemon (fruit)", 0.2)]
@@ -238,17 +241,20 @@ def test_a_missing_tag_stories_file_is_one_line_and_nothing_is_written(backbones
     assert list(tmp_path.iterdir()) == []
 
 
-def test_the_small_preset_trains_on_the_sample_tag_stories_too(monkeypatch):
-    """data/tag_stories.txt: the sample pictures told from their tags, for the small preset on the sample
-    data only (another --stories has pictures of its own), and only where its tags are read."""
+def test_the_small_preset_trains_on_the_sample_tag_stories(monkeypatch):
+    """data/tag_stories.txt: the sample pictures told from their tags, the small preset's stories on the
+    sample pictures where its tags are read; anywhere else the stories are the hand-written ones or --stories."""
     import dataset
     monkeypatch.setattr(train.backbones, "local_weights", lambda decoder, encoder, weights: (decoder, weights))  # no weights/
-    assert train.parse_args(["--preset", "small"]).tag_stories == "data/tag_stories.txt"
+    args = train.parse_args(["--preset", "small"])
+    assert (args.stories, args.tag_stories) == ("data/tag_stories.txt", None)
     told = {ex.image for ex in dataset.read_examples(DATA / "tag_stories.txt", DATA / "images")}
     assert len(told) >= 40 and told <= {ex.image for ex in dataset.read_examples(DATA / "stories.txt", DATA / "images")}
-    assert train.parse_args(["--preset", "small", "--stories", "mine.txt"]).tag_stories is None
-    assert train.parse_args(["--preset", "small", "--tags", "0"]).tag_stories is None
-    assert train.parse_args(["--preset", "small", "--tag-stories", "none"]).tag_stories is None
+    assert train.parse_args(["--preset", "small", "--stories", "mine.txt"]).stories == "mine.txt"
+    assert train.parse_args(["--preset", "small", "--stories", "data/stories.txt"]).stories == "data/stories.txt"
+    assert train.parse_args(["--preset", "small", "--tags", "0"]).stories == "data/stories.txt"
+    assert train.parse_args(["--preset", "small", "--images", "mine/"]).stories == "data/stories.txt"
+    assert train.parse_args([]).stories == train.parse_args(["--preset", "tiny"]).stories == "data/stories.txt"
     assert train.parse_args(["--tag-stories", "t.txt"]).tag_stories == "t.txt"  # gpt2 tags too
     with pytest.raises(SystemExit):
         train.parse_args(["--tags", "0", "--tag-stories", "t.txt"])  # stories about tags that are not read
