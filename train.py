@@ -99,7 +99,8 @@ def encoder_name(value):
 def parse_args(argv=None) -> TrainSettings:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", default="data/images", help="folder the image names are relative to (default: %(default)s)")
-    p.add_argument("--stories", default="data/stories.txt", help="image_name<TAB>story lines (default: %(default)s)")
+    p.add_argument("--stories", help="image_name<TAB>story lines (default: data/stories.txt; the small preset with its "
+                                      "tags: data/tag_stories.txt, the sample pictures told from what its classifier reads)")
     p.add_argument("--out", default="vlm_model.pt",
                    help="checkpoint to write; DIR/ (or an existing model folder) also writes the model folder to share, "
                         "from DIR.pt (default: %(default)s)")
@@ -137,7 +138,7 @@ def parse_args(argv=None) -> TrainSettings:
     p.add_argument("--tag-stories", metavar="FILE",
                    help="with --tags: more stories to train on, each about the tags the classifier reads in its "
                         "picture (prepare.py stories --tags writes them), so that the decoder learns to say what the "
-                        "tags name; none = only --stories (default: small, on the sample data: data/tag_stories.txt)")
+                        "tags name; none = only --stories (default: none)")
     p.add_argument("--tag-min-prob", type=fraction, default=backbones.TAG_MIN_PROB,
                    help="with --tags: name a class after the first only if the classifier gives it at least this "
                         "probability, as one sure class tells more than three guesses (default: %(default)s)")
@@ -200,10 +201,6 @@ def parse_args(argv=None) -> TrainSettings:
     args = p.parse_args(argv)
     preset = dict(PRESETS[args.preset])
     args.tags_asked = args.tags is not None
-    tag_stories_asked = args.tag_stories not in (None, "none")
-    if args.tag_stories is None and args.preset == "small" and (args.stories, args.images) == (p.get_default("stories"), p.get_default("images")):
-        # Written for the sample pictures by this preset's own classifier and writer (docs/backbones.md).
-        args.tag_stories = "data/tag_stories.txt"
     args.tag_stories = None if args.tag_stories == "none" else args.tag_stories
     if args.preset == "small":
         args.decoder, args.encoder_weights = backbones.local_weights(args.decoder, args.encoder, args.encoder_weights)
@@ -223,10 +220,14 @@ def parse_args(argv=None) -> TrainSettings:
     if not args.tags_asked and (args.encoder == "clip-vit-b32" or args.train_encoder or args.no_feature_cache):
         args.tags = 0  # the preset's tags read a frozen encoder's ImageNet classifier from the cached features
     if args.tag_stories and not args.tags:
-        if tag_stories_asked:
-            p.error("--tag-stories are stories about the tags, which this run does not read: add --tags 3, or leave out --tag-stories")
-        args.tag_stories = None  # the preset's, off with its tags
+        p.error("--tag-stories are stories about the tags, which this run does not read: add --tags 3, or leave out --tag-stories")
     args.tags = args.tags or 0
+    if args.stories is None:
+        # The small preset on the sample pictures learns from stories about what its own classifier reads in them
+        # (written by its own decoder: prepare.py stories --tags), not the hand-written ones, which never name their
+        # tags: trained on those, it told unseen pictures' stories that named the thing far less often (docs/backbones.md).
+        sample = args.preset == "small" and args.tags and args.images == p.get_default("images")
+        args.stories = "data/tag_stories.txt" if sample else "data/stories.txt"
     if args.tags and (args.encoder == "clip-vit-b32" or args.preset == "tiny" or args.train_encoder):
         p.error("--tags reads a frozen pretrained encoder's ImageNet classifier: use ResNet-50 or --encoder timm:NAME "
                 "without --train-encoder (and not the tiny preset's random ResNet), or --tags 0")
