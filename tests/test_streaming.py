@@ -142,3 +142,19 @@ def test_the_page_streams_the_stories_as_they_grow(served):
     both_growing = [t for t in texts[:-1] if "\n\n2. " in t and t.split("\n\n2. ")[1]
                     and len(t.split("\n\n2. ")[0]) < len(first) + 3]
     assert both_growing  # story 2 grew while story 1 was not yet whole
+
+
+def test_a_story_ends_at_its_first_sentence_end_after_end_after_tokens(teller):
+    images = sorted((DATA / "images").glob("day_*.jpg"))[:6]
+    settings = dict(strategy="sample", seed=5, max_new_tokens=60)
+    whole = teller.tell(images, end_after=0, **settings)
+    cut = teller.tell(images, end_after=8, **settings)
+    for w, c in zip(whole, cut):
+        assert w.startswith(c)  # the same story, stopped sooner
+        if c != w:
+            assert c[-1] in ".!?" and len(teller.tokenizer(c, add_special_tokens=False)["input_ids"]) >= 8
+            assert not any(c[:k].rstrip()[-1:] in ".!?" and len(teller.tokenizer(c[:k], add_special_tokens=False)["input_ids"]) >= 8
+                           for k in range(1, len(c)))  # at the first sentence end after 8 tokens, not a later one
+    assert sum(c != w for w, c in zip(whole, cut)) >= 3
+    alone = teller.tell(images[0], end_after=8, **settings)
+    assert "".join(teller.stream(images[0], end_after=8, **settings)) == alone != teller.tell(images[0], end_after=0, **settings)
