@@ -82,7 +82,9 @@ def test_a_reader_that_stops_early_stops_the_decoding(teller, monkeypatch):
     assert threading.active_count() == before  # the thread has ended, not left decoding
     [stopped] = lengths
     teller.tell(BOAT, strategy="greedy")
-    assert stopped <= 5 < lengths[1]  # a token or two after the first word, of the whole story's 20-odd
+    # A token or two after the first word when idle (3 of the whole story's 27 here); under the other
+    # worker's load the decoding thread runs a few more before the flag is read (9 seen in a CI run).
+    assert stopped < lengths[1] // 2
 
 
 class Terminal(io.StringIO):
