@@ -186,11 +186,11 @@ NOT_KINDS = {"balloon", "corkscrew", "nipple", "punching bag", "barometer", "bin
 def gloss_kind(index: int) -> str | None:
     """The GLOSS_KINDS word in the head of the class's WordNet definition (its words before the first
     "to", "that", "with", ...: "screen to keep insects from entering a building" is no building), if any."""
+    if imagenet_info().index_to_description(index).split(",")[0] in NOT_KINDS:
+        return None
     definition = imagenet_info().index_to_description(index, detailed=True).partition(": ")[2].lower()
     definition = re.sub(r"^(any|one) of (various|several|the|a)?\s*", "", definition)  # "any of various large trucks"
     head = re.split(r"[;,(]| (?:to|that|with|for|used|which|in|on|from|by|of|having|consisting) ", definition)[0]
-    if imagenet_info().index_to_description(index).split(",")[0] in NOT_KINDS:
-        return None
     for word in head.split():
         for kind in (word, word[:-1] if word.endswith("s") else None):  # "trucks" is a truck
             if kind in GLOSS_KINDS:
