@@ -168,7 +168,7 @@ def load_image(path, min_side: int | None = None) -> Image.Image:
             img.draft("RGB", (min_side, min_side))
         img.load()
         img = ImageOps.exif_transpose(img)
-        return _to_rgb(img)
+        return to_rgb(img)
 
 
 def set_max_image_pixels(limit: int | None) -> None:
@@ -177,7 +177,10 @@ def set_max_image_pixels(limit: int | None) -> None:
         Image.MAX_IMAGE_PIXELS = limit or None
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An image of any mode as 8-bit RGB, as load_image gives it: transparency on white, 16-bit and
+    float grey scaled to the full 8 bits (Pillow's own convert drops alpha, leaving what the transparent
+    pixels held, often black, and clips 16-bit grey at 255)."""
     if img.mode.startswith("I") or img.mode == "F":
         # 16/32-bit grey: Pillow's convert would clip at 255, so scale to the full 8-bit range.
         arr = np.asarray(img, dtype=np.float64)

@@ -13,7 +13,7 @@ import re
 import warnings
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 import dataset
@@ -450,8 +450,11 @@ class Storyteller:
         return dataset.load_image(path, self.model.config.resize_size)
 
     def picture(self, image):
-        """A PIL image as RGB, or the image file at a path loaded."""
-        return image.convert("RGB") if isinstance(image, Image.Image) else self.load_image(image)
+        """A PIL image as load_image would give its file (upright, transparency on white, RGB), or the
+        image file at a path loaded: a picture told from Python gets the story its file gets from generate.py."""
+        if isinstance(image, Image.Image):
+            return dataset.to_rgb(ImageOps.exif_transpose(image))
+        return self.load_image(image)
 
     def tell(self, images, album=False, style=None, length=None, batch_size=8, seed=None, **decoding):
         """Stories about an image (a path or a PIL image) or a list of them; album=True tells one story

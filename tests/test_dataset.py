@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 import dataset
-from conftest import write_stories
+from conftest import DATA, write_stories
 from cli import DataError, UserError
 
 
@@ -78,6 +78,22 @@ def test_image_modes_become_upright_rgb(tmp_path):
     assert dataset.load_image(save(wide, tmp_path / "rot.jpg", exif=exif)).size == (20, 40)
 
     assert dataset.load_image(save(Image.new("L", (1, 1), 7), tmp_path / "one.png")).size == (1, 1)
+
+
+def test_a_pil_image_told_from_python_is_the_picture_its_file_is(tiny_checkpoint, tmp_path):
+    from storyteller import Storyteller
+    teller = Storyteller(tiny_checkpoint, "cpu")
+    photo = Image.open(DATA / "images" / "photo_cat.jpg").convert("RGB")
+    cutout = photo.convert("RGBA")
+    cutout.paste((0, 0, 0, 0), (0, 0, photo.width // 2, photo.height))  # the transparent half hides black
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    files = [save(cutout, tmp_path / "cutout.png"), save(photo.resize((60, 30)), tmp_path / "rot.jpg", exif=exif)]
+    for path in files:
+        with Image.open(path) as opened:
+            assert teller.picture(opened).tobytes() == teller.picture(path).tobytes(), path.name
+    with Image.open(files[0]) as opened:
+        assert teller.tell(opened, strategy="greedy") == teller.tell(files[0], strategy="greedy")
 
 
 def test_jpeg_draft_decoding_keeps_enough_pixels(tmp_path):
