@@ -350,8 +350,10 @@ def build_page(teller: WebStoryteller | None, problem: str | None = None) -> gr.
         with gr.Row():
             with gr.Column():
                 image = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"])
-                gr.Examples(sorted(str(p) for p in SAMPLES.glob("*.jpg")), inputs=image, examples_per_page=12,
-                            label="Sample images")
+                # The ten photos first: what a real-weights model is for. The 33 drawn scenes after them are the
+                # tiny preset's toy world, and an ImageNet classifier reads them as "web site" or "ping-pong ball".
+                samples = sorted(SAMPLES.glob("*.jpg"), key=lambda p: (not p.name.startswith("photo_"), p.name))
+                gr.Examples([str(p) for p in samples], inputs=image, examples_per_page=12, label="Sample images")
                 # Files chosen at once arrive in the order chosen; more can be added after them, and
                 # dragged into another order (allow_reordering). The list shows the order told.
                 album = gr.File(file_count="multiple", file_types=["image"], type="filepath", visible=albums,
