@@ -21,6 +21,8 @@ import statistics
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # metrics, imported where used: it brings torch
+
 ROOT = Path("/usr/share/tuxpaint/stamps")
 # folder (relative) -> kind words ("" = only the thing's own words)
 KINDS = {
@@ -92,7 +94,6 @@ def repetitive(text):
 
 
 def score(stories_file, kinds_file, ppl_model=None) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import metrics
     kinds = {}
     for line in open(kinds_file):
